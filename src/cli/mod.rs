@@ -1,0 +1,201 @@
+//! The command edge: argument parsing, messages and exit codes. Each tool is
+//! a thin shell over the library.
+//!
+//! Exit codes (never 2: LVM reads a thin_check status of 2 as "not
+//! installed" and activates the pool unchecked):
+//! 0 success; 64 usage error; 65 metadata damaged or inconsistent;
+//! 66 input missing or not usable; 70 internal error; 74 I/O error;
+//! 75 device busy (in use by a live pool).
+
+pub mod progress;
+pub mod thin_check;
+pub mod thin_dump;
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use crate::pdata::io::{BlockDevice, OpenError, OpenMode};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_USAGE: i32 = 64;
+pub const EXIT_DAMAGED: i32 = 65;
+pub const EXIT_NO_INPUT: i32 = 66;
+pub const EXIT_INTERNAL: i32 = 70;
+pub const EXIT_IO: i32 = 74;
+pub const EXIT_BUSY: i32 = 75;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A failure at the command edge: its one-line message and exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The tools, by the name they are called as.
+pub const TOOLS: &[(&str, fn(&'static str, Vec<OsString>) -> i32)] = &[
+    ("thin_check", thin_check::main),
+    ("thin_dump", thin_dump::main),
+];
+
+/// Multi-call entry: dispatch on argv[0]'s basename, or on the first
+/// argument when called as `thinmeta`.
+pub fn dispatch(args: Vec<OsString>) -> i32 {
+    let argv0 = args.first().map(|a| {
+        Path::new(a)
+            .file_name()
+            .unwrap_or(a.as_os_str())
+            .to_string_lossy()
+            .into_owned()
+    });
+    let argv0 = argv0.unwrap_or_else(|| "thinmeta".into());
+    if let Some((name, f)) = TOOLS.iter().find(|(n, _)| *n == argv0) {
+        return f(name, args);
+    }
+    let mut rest = args.into_iter().skip(1);
+    match rest.next().map(|a| a.to_string_lossy().into_owned()) {
+        Some(cmd) if TOOLS.iter().any(|(n, _)| *n == cmd) => {
+            let (name, f) = TOOLS.iter().find(|(n, _)| *n == cmd).unwrap();
+            let mut v = vec![OsString::from(*name)];
+            v.extend(rest);
+            f(name, v)
+        }
+        Some(v) if v == "-V" || v == "--version" => {
+            println!("{VERSION}");
+            EXIT_OK
+        }
+        Some(v) if v == "--install-links" => install_links(rest.next()),
+        Some(v) if v == "-h" || v == "--help" => {
+            print!("{}", usage());
+            EXIT_OK
+        }
+        Some(other) => {
+            eprintln!("thinmeta: unknown command '{other}'\n{}", usage());
+            EXIT_USAGE
+        }
+        None => {
+            eprint!("{}", usage());
+            EXIT_USAGE
+        }
+    }
+}
+
+fn usage() -> String {
+    let mut s = String::from("Usage: thinmeta <command> [args...]   (or call a command through a symlink named after it)\n       thinmeta --install-links DIR\ncommands:\n");
+    for (n, _) in TOOLS {
+        s.push_str("  ");
+        s.push_str(n);
+        s.push('\n');
+    }
+    s
+}
+
+/// Create `DIR/<tool>` symlinks to this binary for every tool.
+fn install_links(dir: Option<OsString>) -> i32 {
+    let Some(dir) = dir else {
+        eprintln!("thinmeta: --install-links needs a directory");
+        return EXIT_USAGE;
+    };
+    let exe = match std::env::current_exe().and_then(|p| p.canonicalize()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("thinmeta: cannot find my own executable: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
+    let dir = Path::new(&dir);
+    for (name, _) in TOOLS {
+        let link = dir.join(name);
+        if link.symlink_metadata().is_ok() {
+            if let Err(e) = std::fs::remove_file(&link) {
+                eprintln!("thinmeta: cannot replace {}: {e}", link.display());
+                return EXIT_IO;
+            }
+        }
+        if let Err(e) = std::os::unix::fs::symlink(&exe, &link) {
+            eprintln!("thinmeta: cannot create {}: {e}", link.display());
+            return EXIT_IO;
+        }
+        println!("{} -> {}", link.display(), exe.display());
+    }
+    EXIT_OK
+}
+
+/// Parse with clap, mapping its outcomes to our exit codes: help and
+/// version print and exit 0, any usage error exits 64 (clap would use 2).
+pub fn parse_args(cmd: clap::Command, args: Vec<OsString>) -> Result<clap::ArgMatches, i32> {
+    // `-V` prints the bare version, even when required arguments are missing.
+    if args.iter().skip(1).any(|a| a == "-V" || a == "--version") {
+        println!("{VERSION}");
+        return Err(EXIT_OK);
+    }
+    match cmd.try_get_matches_from(args) {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let _ = e.print();
+            match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => Err(EXIT_OK),
+                _ => Err(EXIT_USAGE),
+            }
+        }
+    }
+}
+
+/// The `-V/--version` argument every tool takes (handled in [`parse_args`]).
+pub fn version_arg() -> clap::Arg {
+    clap::Arg::new("version")
+        .short('V')
+        .long("version")
+        .help("Print version")
+        .action(clap::ArgAction::SetTrue)
+}
+
+/// Open a metadata device, turning failures into messages that name it.
+pub fn open_device(path: &Path, mode: OpenMode) -> Result<BlockDevice, Failure> {
+    BlockDevice::open(path, mode).map_err(|e| {
+        let code = match e {
+            OpenError::NotFound
+            | OpenError::IsDirectory
+            | OpenError::TooSmall(_)
+            | OpenError::PermissionDenied => EXIT_NO_INPUT,
+            OpenError::Busy => EXIT_BUSY,
+            OpenError::Io(_) => EXIT_IO,
+        };
+        Failure::new(code, format!("{}: {e}", path.display()))
+    })
+}
+
+/// Message and exit code for a library error about device `path`.
+pub fn thin_failure(path: &Path, e: &crate::thin::Error) -> Failure {
+    use crate::thin::Error as E;
+    let code = match e {
+        E::Metadata { source, .. } if source.is_io() => EXIT_IO,
+        E::Metadata { .. } | E::Inconsistent(_) | E::NoMetadataSnap => EXIT_DAMAGED,
+        E::Output(_) => EXIT_IO,
+        E::Unsupported(_) => EXIT_USAGE,
+    };
+    Failure::new(code, format!("{}: {e}", path.display()))
+}
+
+/// Print a failure as one line on stderr and return its exit code.
+pub fn report(tool: &str, f: Failure) -> i32 {
+    eprintln!("{tool}: {}", f.message);
+    f.code
+}
+
+/// Parse a block number or count given on the command line.
+pub fn parse_u64(s: &str) -> Result<u64, String> {
+    s.parse::<u64>()
+        .map_err(|_| format!("'{s}' is not a non-negative integer"))
+}

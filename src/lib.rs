@@ -1,0 +1,11 @@
+//! thinmeta: offline tools for Linux device-mapper metadata.
+//!
+//! Layers, lowest first:
+//! - [`pdata`]: the persistent-data library (block I/O, checksums, btrees, space maps).
+//!   It knows nothing of thin provisioning.
+//! - [`thin`]: dm-thin metadata on top of `pdata` (superblock, devices, dump, check).
+//! - [`cli`]: one module per command: options in, library call, exit code out.
+
+pub mod cli;
+pub mod pdata;
+pub mod thin;

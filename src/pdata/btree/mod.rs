@@ -1,0 +1,7 @@
+//! persistent-data btrees: validated zero-copy node views and the one walker.
+
+mod node;
+mod walk;
+
+pub use node::*;
+pub use walk::*;

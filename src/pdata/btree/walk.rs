@@ -1,0 +1,520 @@
+//! The one btree walker. Every tool walks trees through it.
+//!
+//! A walk descends the internal levels of a tree depth first and produces the
+//! tree's leaves in key order (the leaves themselves are read afterwards, in
+//! sorted batches, by the caller). The walker remembers every node it has
+//! reached across all walks, so a subtree shared by several trees (thin
+//! snapshots, the metadata snapshot) is read once: when it is reached again
+//! its leaf sequence is replayed from memory, and it is not descended again.
+//!
+//! It optionally counts references the way the kernel's metadata space map
+//! does: each distinct internal node adds one to each child it points at.
+//!
+//! Damage does not stop a walk: a bad node is recorded as an [`Issue`] with
+//! the key range it cuts off, and the walk goes on with its siblings. Tools
+//! that cannot tolerate damage (dump) check `issues` and stop.
+
+use std::collections::HashMap;
+
+use fixedbitset::FixedBitSet;
+
+use super::node::Node;
+use crate::pdata::counts::RefCounts;
+use crate::pdata::error::{Error, Result};
+use crate::pdata::io::BlockDevice;
+use crate::pdata::BLOCK_SIZE;
+
+/// Trees deeper than this are treated as damaged (real ones are 1–5 levels).
+pub const MAX_HEIGHT: usize = 16;
+
+/// Something wrong found during a walk.
+#[derive(Debug)]
+pub struct Issue {
+    pub error: Error,
+    /// False for problems the kernel tolerates (node fill): they fail a check
+    /// unless non-fatal errors are ignored.
+    pub fatal: bool,
+    /// Keys `[lo, hi)` of the tree the damage cuts off (informational).
+    pub keys: (u64, u64),
+}
+
+/// The leaves of one walked tree, in key order.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TreeLeaves {
+    start: usize,
+    end: usize,
+}
+
+impl TreeLeaves {
+    pub fn len(&self) -> usize {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
+    height: u8,
+    first_key: u64,
+    last_key: u64,
+    done: bool,
+}
+
+pub struct Walker<'d> {
+    dev: &'d BlockDevice,
+    seen: FixedBitSet,
+    /// Internal nodes reached so far: their leaf span in `arena`, height, keys.
+    internal: HashMap<u64, Span>,
+    /// Internal-level blocks that could not be used.
+    broken: FixedBitSet,
+    /// Leaf sequences of all walks; shared subtrees are copied from here.
+    arena: Vec<u64>,
+    /// Leaf -> intersection of the key ranges its parents give it.
+    leaf_bounds: HashMap<u64, (u64, u64)>,
+    /// Leaves reached for the first time, in discovery order, since the last take.
+    fresh: Vec<u64>,
+    refs: Option<RefCounts>,
+    ignore_non_fatal: bool,
+    pub issues: Vec<Issue>,
+    buf: Vec<u8>,
+}
+
+impl<'d> Walker<'d> {
+    pub fn new(dev: &'d BlockDevice) -> Walker<'d> {
+        let nr = dev.nr_blocks() as usize;
+        Walker {
+            dev,
+            seen: FixedBitSet::with_capacity(nr),
+            internal: HashMap::new(),
+            broken: FixedBitSet::with_capacity(nr),
+            arena: Vec::new(),
+            leaf_bounds: HashMap::new(),
+            fresh: Vec::new(),
+            refs: None,
+            ignore_non_fatal: false,
+            issues: Vec::new(),
+            buf: vec![0u8; BLOCK_SIZE],
+        }
+    }
+
+    /// Also count metadata references (for checking the metadata space map).
+    pub fn with_ref_counts(mut self) -> Self {
+        self.refs = Some(RefCounts::new(self.dev.nr_blocks()));
+        self
+    }
+
+    /// Do not report node-fill problems (`--ignore-non-fatal-errors`).
+    pub fn ignore_non_fatal(mut self, yes: bool) -> Self {
+        self.ignore_non_fatal = yes;
+        self
+    }
+
+    pub fn device(&self) -> &'d BlockDevice {
+        self.dev
+    }
+
+    /// Count one reference to metadata block `b` (a root held by a
+    /// superblock or a leaf value, a bitmap, the superblock itself).
+    pub fn inc_ref(&mut self, b: u64) {
+        if let Some(r) = &mut self.refs {
+            r.inc(b);
+        }
+    }
+
+    pub fn ref_counts(&self) -> Option<&RefCounts> {
+        self.refs.as_ref()
+    }
+
+    pub fn take_ref_counts(&mut self) -> Option<RefCounts> {
+        self.refs.take()
+    }
+
+    /// The leaves of a walked tree, in key order.
+    pub fn leaves(&self, t: &TreeLeaves) -> &[u64] {
+        &self.arena[t.start..t.end]
+    }
+
+    /// Leaves reached for the first time since the last call (each distinct
+    /// leaf is returned exactly once over a walker's life).
+    pub fn take_fresh_leaves(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// True once block `b` has been reached by any walk.
+    pub fn is_seen(&self, b: u64) -> bool {
+        (b as usize) < self.seen.len() && self.seen.contains(b as usize)
+    }
+
+    /// Mark a block as used (for blocks that are not tree nodes), so that a
+    /// tree pointing at it is caught as sharing a block with something else.
+    pub fn mark_seen(&mut self, b: u64) -> bool {
+        if (b as usize) >= self.seen.len() {
+            return false;
+        }
+        !self.seen.put(b as usize)
+    }
+
+    /// Validate a leaf read by the caller: node checks, the leaf flag, and
+    /// keys inside every range its parents give it.
+    pub fn check_leaf<'a>(&self, loc: u64, data: &'a [u8], value_size: usize) -> Result<Node<'a>> {
+        let node = Node::parse(loc, data, value_size)?;
+        if !node.is_leaf() {
+            return Err(Error::invalid(
+                loc,
+                "internal node found where the tree's leaves are",
+            ));
+        }
+        if let Some(&(lo, hi)) = self.leaf_bounds.get(&loc) {
+            if let (Some(first), Some(last)) = (node.first_key(), node.last_key()) {
+                if first < lo || last >= hi {
+                    return Err(Error::invalid(
+                        loc,
+                        format!("leaf keys {first}..={last} lie outside the range {lo}..{hi} its parent gives"),
+                    ));
+                }
+            }
+        }
+        Ok(node)
+    }
+
+    /// Node-fill problem of a leaf, unless non-fatal problems are ignored.
+    pub fn leaf_fill_issue(&self, node: &Node, is_root: bool) -> Option<Issue> {
+        if self.ignore_non_fatal {
+            return None;
+        }
+        node.fill_problem(is_root).map(|p| Issue {
+            error: Error::invalid(node.block(), p),
+            fatal: false,
+            keys: (node.first_key().unwrap_or(0), u64::MAX),
+        })
+    }
+
+    /// Walk the tree at `root` whose leaves hold `value_size`-byte values.
+    /// The caller counts the reference to `root` itself (see [`Self::inc_ref`]).
+    pub fn walk(&mut self, root: u64, value_size: usize) -> TreeLeaves {
+        let start = self.arena.len();
+        if root >= self.dev.nr_blocks() {
+            self.issue(
+                Error::OutOfBounds {
+                    block: root,
+                    nr_blocks: self.dev.nr_blocks(),
+                },
+                (0, u64::MAX),
+            );
+            return TreeLeaves { start, end: start };
+        }
+        if self.is_seen(root) {
+            self.revisit(root, None, (0, u64::MAX));
+        } else {
+            match self.height(root, value_size) {
+                Ok(0) => self.reach_leaf(root, (0, u64::MAX)),
+                Ok(h) => {
+                    self.seen.insert(root as usize);
+                    self.descend(root, 0, h, value_size, (0, u64::MAX));
+                }
+                Err(e) => {
+                    self.seen.insert(root as usize);
+                    self.broken.insert(root as usize);
+                    self.issue(e, (0, u64::MAX));
+                }
+            }
+        }
+        TreeLeaves {
+            start,
+            end: self.arena.len(),
+        }
+    }
+
+    fn issue(&mut self, error: Error, keys: (u64, u64)) {
+        self.issues.push(Issue {
+            error,
+            fatal: true,
+            keys,
+        });
+    }
+
+    fn read(&mut self, b: u64) -> Result<()> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.dev.read_block(b, &mut buf);
+        self.buf = buf;
+        r
+    }
+
+    /// Height of the tree at `root` (0 = the root is a leaf), found by
+    /// following the first usable child down to a leaf.
+    fn height(&mut self, root: u64, value_size: usize) -> Result<usize> {
+        let mut path = Vec::new();
+        self.height_from(root, value_size, &mut path)
+    }
+
+    fn height_from(&mut self, b: u64, value_size: usize, path: &mut Vec<u64>) -> Result<usize> {
+        if path.len() > MAX_HEIGHT {
+            return Err(Error::invalid(
+                b,
+                format!("tree is deeper than {MAX_HEIGHT} levels (a loop?)"),
+            ));
+        }
+        self.read(b)?;
+        let node = Node::parse(b, &self.buf, value_size)?;
+        if node.is_leaf() {
+            return Ok(0);
+        }
+        let children: Vec<u64> = (0..node.nr_entries()).map(|i| node.child(i)).collect();
+        path.push(b);
+        let mut last = None;
+        for c in children {
+            if path.contains(&c) {
+                last = Some(Error::invalid(
+                    b,
+                    format!("node points back at its ancestor {c} (a loop)"),
+                ));
+                continue;
+            }
+            match self.height_from(c, value_size, path) {
+                Ok(h) => {
+                    path.pop();
+                    return Ok(h + 1);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        path.pop();
+        Err(last.unwrap_or_else(|| Error::invalid(b, "internal node has no usable child")))
+    }
+
+    fn reach_leaf(&mut self, leaf: u64, (lo, hi): (u64, u64)) {
+        self.arena.push(leaf);
+        self.leaf_bounds
+            .entry(leaf)
+            .and_modify(|(l, h)| {
+                *l = (*l).max(lo);
+                *h = (*h).min(hi);
+            })
+            .or_insert((lo, hi));
+        if !self.seen.put(leaf as usize) {
+            self.fresh.push(leaf);
+        } else if self.internal.contains_key(&leaf) || self.broken.contains(leaf as usize) {
+            self.arena.pop();
+            self.issue(
+                Error::invalid(leaf, "block is used both as an internal node and as a leaf"),
+                (lo, hi),
+            );
+        }
+    }
+
+    /// `b` was reached before: replay its leaves (for an internal node) or
+    /// take it as a leaf. `expected_height` is None for a root.
+    fn revisit(&mut self, b: u64, expected_height: Option<usize>, keys: (u64, u64)) {
+        if self.broken.contains(b as usize) {
+            return; // reported when first reached
+        }
+        match self.internal.get(&b).copied() {
+            Some(span) if !span.done => {
+                self.issue(
+                    Error::invalid(b, "node is its own ancestor (a loop in the tree)"),
+                    keys,
+                );
+            }
+            Some(span) => {
+                if let Some(h) = expected_height {
+                    if h != span.height as usize {
+                        self.issue(
+                            Error::invalid(
+                                b,
+                                format!(
+                                    "shared node sits at height {} here but {} elsewhere",
+                                    h, span.height
+                                ),
+                            ),
+                            keys,
+                        );
+                        return;
+                    }
+                }
+                if span.first_key < keys.0 || span.last_key >= keys.1 {
+                    self.issue(
+                        Error::invalid(
+                            b,
+                            format!(
+                                "node keys {}..={} lie outside the range {}..{} its parent gives",
+                                span.first_key, span.last_key, keys.0, keys.1
+                            ),
+                        ),
+                        keys,
+                    );
+                }
+                self.arena
+                    .extend_from_within(span.start as usize..span.end as usize);
+            }
+            None => {
+                if expected_height.unwrap_or(0) == 0 {
+                    self.reach_leaf(b, keys);
+                } else {
+                    self.issue(
+                        Error::invalid(b, "a leaf is referenced where an internal node should be"),
+                        keys,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Walk internal node `b` at `depth` of a tree of height `height`, first visit.
+    fn descend(
+        &mut self,
+        b: u64,
+        depth: usize,
+        height: usize,
+        value_size: usize,
+        keys: (u64, u64),
+    ) {
+        if let Err(e) = self.read(b) {
+            self.broken.insert(b as usize);
+            self.issue(e, keys);
+            return;
+        }
+        let node = match Node::parse(b, &self.buf, value_size) {
+            Ok(n) => n,
+            Err(e) => {
+                self.broken.insert(b as usize);
+                self.issue(e, keys);
+                return;
+            }
+        };
+        if node.is_leaf() {
+            self.broken.insert(b as usize);
+            self.issue(
+                Error::invalid(
+                    b,
+                    format!(
+                        "leaf found at depth {depth}; this tree's leaves are at depth {height}"
+                    ),
+                ),
+                keys,
+            );
+            return;
+        }
+        let fill = if self.ignore_non_fatal {
+            None
+        } else {
+            node.fill_problem(depth == 0)
+        };
+        let first_key = node.key(0);
+        let last_key = node.last_key().unwrap_or(first_key);
+        let nr = node.nr_entries();
+        let children: Vec<(u64, u64, u64)> = (0..nr)
+            .map(|i| {
+                let lo = node.key(i);
+                let hi = if i + 1 < nr { node.key(i + 1) } else { keys.1 };
+                (node.child(i), lo, hi)
+            })
+            .collect();
+        if let Some(p) = fill {
+            self.issues.push(Issue {
+                error: Error::invalid(b, p),
+                fatal: false,
+                keys,
+            });
+        }
+        if first_key < keys.0 || last_key >= keys.1 {
+            self.issue(
+                Error::invalid(
+                    b,
+                    format!(
+                        "node keys {}..={} lie outside the range {}..{} its parent gives",
+                        first_key, last_key, keys.0, keys.1
+                    ),
+                ),
+                keys,
+            );
+        }
+
+        let start = self.arena.len() as u32;
+        self.internal.insert(
+            b,
+            Span {
+                start,
+                end: start,
+                height: (height - depth) as u8,
+                first_key,
+                last_key,
+                done: false,
+            },
+        );
+        let nr_blocks = self.dev.nr_blocks();
+        for (child, lo, hi) in children {
+            if let Some(r) = &mut self.refs {
+                r.inc(child);
+            }
+            if child >= nr_blocks {
+                self.issue(Error::invalid(b, format!("child pointer {child} is beyond the end of the device ({nr_blocks} blocks)")), (lo, hi));
+                continue;
+            }
+            let child_height = height - depth - 1;
+            if self.is_seen(child) {
+                self.revisit(child, Some(child_height), (lo, hi));
+            } else if child_height == 0 {
+                self.reach_leaf(child, (lo, hi));
+            } else {
+                self.seen.insert(child as usize);
+                self.descend(child, depth + 1, height, value_size, (lo, hi));
+            }
+        }
+        let end = self.arena.len() as u32;
+        if let Some(s) = self.internal.get_mut(&b) {
+            s.end = end;
+            s.done = true;
+        }
+    }
+}
+
+/// The entries of a one-level tree (or one level's worth of leaves) read through a walker.
+pub struct MapRead<V> {
+    pub entries: Vec<(u64, V)>,
+    pub issues: Vec<Issue>,
+}
+
+impl<'d> Walker<'d> {
+    /// Walk the tree at `root` and read all its leaves, in key order.
+    /// `on_fresh_leaf` sees each leaf the walker had never reached before
+    /// exactly once (to count what its values reference).
+    pub fn read_map<V: super::Value>(
+        &mut self,
+        root: u64,
+        mut on_fresh_leaf: impl FnMut(&Node),
+    ) -> MapRead<V> {
+        let before = self.issues.len();
+        let tree = self.walk(root, V::SIZE);
+        let mut issues: Vec<Issue> = self.issues.drain(before..).collect();
+        let leaves = self.leaves(&tree).to_vec();
+        let fresh: std::collections::HashSet<u64> = self.take_fresh_leaves().into_iter().collect();
+        let mut entries = Vec::new();
+        let is_root_leaf = leaves.len() == 1 && leaves[0] == root;
+        let dev = self.dev;
+        dev.read_in_order(&leaves, 256, |_, b, data| {
+            match data.and_then(|d| self.check_leaf(b, d, V::SIZE)) {
+                Ok(node) => {
+                    entries.extend(node.entries::<V>());
+                    if fresh.contains(&b) {
+                        if let Some(i) = self.leaf_fill_issue(&node, is_root_leaf) {
+                            issues.push(i);
+                        }
+                        on_fresh_leaf(&node);
+                    }
+                }
+                Err(e) => issues.push(Issue {
+                    error: e,
+                    fatal: true,
+                    keys: (0, u64::MAX),
+                }),
+            }
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .ok();
+        MapRead { entries, issues }
+    }
+}

@@ -1,0 +1,336 @@
+//! Block I/O on regular files and block devices, in 4 KiB metadata blocks.
+//!
+//! Reads go through `pread`, single blocks or sorted, coalesced runs
+//! ([`BlockDevice::read_in_order`]); the walkers visit each node once, so
+//! batching the reads in block order is the read-ahead, and memory stays at
+//! one bounded batch buffer however large the device is.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::error::{Error, Result};
+use super::BLOCK_SIZE;
+
+/// How a tool opens its metadata device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Read only, shared: for reading a metadata snapshot of a live pool (`-m`).
+    ReadOnly,
+    /// Read only, and refuse a block device that something else holds open
+    /// (a live pool): `O_EXCL` on a block device fails with EBUSY then.
+    ReadOnlyExclusive,
+    /// Read-write and exclusive: for tools that write.
+    ReadWriteExclusive,
+}
+
+/// Why a device could not be opened; the command edge turns these into messages.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no such file or device")]
+    NotFound,
+    #[error("is a directory, not a metadata device or file")]
+    IsDirectory,
+    #[error("device is in use (held open by a live pool, or mounted); use -m to read a metadata snapshot of a live pool")]
+    Busy,
+    #[error("permission denied")]
+    PermissionDenied,
+    #[error("too small to hold thin metadata ({0} bytes; at least one 4096-byte block is needed)")]
+    TooSmall(u64),
+    #[error("{0}")]
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for OpenError {
+    fn from(e: std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => OpenError::NotFound,
+            Some(libc::EISDIR) => OpenError::IsDirectory,
+            Some(libc::EBUSY) => OpenError::Busy,
+            Some(libc::EACCES) | Some(libc::EPERM) => OpenError::PermissionDenied,
+            _ => OpenError::Io(e),
+        }
+    }
+}
+
+pub struct BlockDevice {
+    file: File,
+    nr_blocks: u64,
+    path: PathBuf,
+    writable: bool,
+}
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+impl BlockDevice {
+    /// Open `path`. A gzip-compressed regular file opened read-only is
+    /// transparently unpacked into an unlinked temporary file, so shipped or
+    /// archived images (`meta.img.gz`) can be read directly.
+    pub fn open(path: &Path, mode: OpenMode) -> std::result::Result<BlockDevice, OpenError> {
+        let md = std::fs::metadata(path)?;
+        if md.is_dir() {
+            return Err(OpenError::IsDirectory);
+        }
+        let is_blockdev = md.file_type().is_block_device();
+        let mut opts = OpenOptions::new();
+        opts.read(true);
+        let writable = mode == OpenMode::ReadWriteExclusive;
+        if writable {
+            opts.write(true);
+        }
+        // O_EXCL without O_CREAT is only defined for block devices (Linux):
+        // it fails with EBUSY while the kernel (a live pool) holds the device.
+        if is_blockdev && mode != OpenMode::ReadOnly {
+            opts.custom_flags(libc::O_EXCL);
+        }
+        let mut file = opts.open(path)?;
+        let size = file.seek(SeekFrom::End(0))?;
+
+        if !writable && !is_blockdev && size >= 2 {
+            let mut magic = [0u8; 2];
+            file.read_exact_at(&mut magic, 0)?;
+            if magic == GZIP_MAGIC {
+                file = gunzip_to_tempfile(&file)?;
+            }
+        }
+        let size = file.seek(SeekFrom::End(0))?;
+        if size < BLOCK_SIZE as u64 {
+            return Err(OpenError::TooSmall(size));
+        }
+        Ok(BlockDevice {
+            file,
+            nr_blocks: size / BLOCK_SIZE as u64,
+            path: path.to_path_buf(),
+            writable,
+        })
+    }
+
+    pub fn nr_blocks(&self) -> u64 {
+        self.nr_blocks
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    fn check_bounds(&self, block: u64, count: u64) -> Result<()> {
+        if block >= self.nr_blocks || count > self.nr_blocks - block {
+            let bad = if block >= self.nr_blocks {
+                block
+            } else {
+                self.nr_blocks
+            };
+            return Err(Error::OutOfBounds {
+                block: bad,
+                nr_blocks: self.nr_blocks,
+            });
+        }
+        Ok(())
+    }
+
+    /// Read one block into `buf` (4096 bytes).
+    pub fn read_block(&self, block: u64, buf: &mut [u8]) -> Result<()> {
+        debug_assert_eq!(buf.len(), BLOCK_SIZE);
+        self.read_run(block, buf)
+    }
+
+    /// Read `buf.len() / 4096` consecutive blocks starting at `first`.
+    pub fn read_run(&self, first: u64, buf: &mut [u8]) -> Result<()> {
+        let count = (buf.len() / BLOCK_SIZE) as u64;
+        self.check_bounds(first, count)?;
+        self.file
+            .read_exact_at(buf, first * BLOCK_SIZE as u64)
+            .map_err(|source| Error::Io {
+                block: first,
+                source,
+            })
+    }
+
+    /// Write one block. Only for devices opened [`OpenMode::ReadWriteExclusive`].
+    pub fn write_block(&self, block: u64, buf: &[u8]) -> Result<()> {
+        debug_assert_eq!(buf.len(), BLOCK_SIZE);
+        self.check_bounds(block, 1)?;
+        if !self.writable {
+            return Err(Error::Other("device was opened read-only".into()));
+        }
+        self.file
+            .write_all_at(buf, block * BLOCK_SIZE as u64)
+            .map_err(|source| Error::Io { block, source })
+    }
+
+    /// Flush written blocks to stable storage (the commit barrier).
+    pub fn sync(&self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|source| Error::Io { block: 0, source })
+    }
+
+    /// Visit `blocks` in the given order, reading them in batches of at most
+    /// `batch` blocks: each batch is sorted, deduplicated and read as runs of
+    /// consecutive blocks, one `pread` a run. `f` gets the index into
+    /// `blocks`, the block number, and its bytes or the error reading it.
+    pub fn read_in_order<E, F>(
+        &self,
+        blocks: &[u64],
+        batch: usize,
+        mut f: F,
+    ) -> std::result::Result<(), E>
+    where
+        F: FnMut(usize, u64, Result<&[u8]>) -> std::result::Result<(), E>,
+    {
+        let batch = batch.max(1);
+        let mut buf = vec![0u8; batch.min(blocks.len().max(1)) * BLOCK_SIZE];
+        let mut sorted: Vec<u64> = Vec::with_capacity(batch.min(blocks.len()));
+        // Per sorted slot: None = read fine, Some(err) = failed.
+        let mut failed: Vec<Option<Error>> = Vec::new();
+        for (chunk_no, chunk) in blocks.chunks(batch).enumerate() {
+            sorted.clear();
+            sorted.extend_from_slice(chunk);
+            sorted.sort_unstable();
+            sorted.dedup();
+            failed.clear();
+            failed.resize_with(sorted.len(), || None);
+
+            let mut i = 0;
+            while i < sorted.len() {
+                let mut j = i + 1;
+                while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
+                    j += 1;
+                }
+                let run = &mut buf[i * BLOCK_SIZE..j * BLOCK_SIZE];
+                if self.read_run(sorted[i], run).is_err() {
+                    // Find out exactly which blocks of the run are bad.
+                    for k in i..j {
+                        let slot = &mut buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
+                        if let Err(e) = self.read_block(sorted[k], slot) {
+                            failed[k] = Some(e);
+                        }
+                    }
+                }
+                i = j;
+            }
+
+            for (off, &b) in chunk.iter().enumerate() {
+                let slot = sorted.binary_search(&b).unwrap();
+                let res = match &failed[slot] {
+                    None => Ok(&buf[slot * BLOCK_SIZE..(slot + 1) * BLOCK_SIZE]),
+                    Some(e) => Err(clone_err(e)),
+                };
+                f(chunk_no * batch + off, b, res)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn clone_err(e: &Error) -> Error {
+    match e {
+        Error::Io { block, source } => Error::Io {
+            block: *block,
+            source: std::io::Error::new(source.kind(), source.to_string()),
+        },
+        Error::OutOfBounds { block, nr_blocks } => Error::OutOfBounds {
+            block: *block,
+            nr_blocks: *nr_blocks,
+        },
+        Error::Corrupt { block, problem } => Error::Corrupt {
+            block: *block,
+            problem: problem.clone(),
+        },
+        Error::Other(s) => Error::Other(s.clone()),
+    }
+}
+
+fn gunzip_to_tempfile(src: &File) -> std::io::Result<File> {
+    let mut reader =
+        flate2::read::GzDecoder::new(std::io::BufReader::with_capacity(1 << 20, src.try_clone()?));
+    let mut tmp = tempfile::tempfile()?;
+    std::io::copy(&mut reader, &mut tmp)?;
+    Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn image(nr: u64) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        for b in 0..nr {
+            let mut blk = vec![0u8; BLOCK_SIZE];
+            blk[0..8].copy_from_slice(&b.to_le_bytes());
+            f.write_all(&blk).unwrap();
+        }
+        f.flush().unwrap();
+        f
+    }
+
+    #[test]
+    fn read_in_order_returns_blocks_in_request_order() {
+        let f = image(64);
+        let dev = BlockDevice::open(f.path(), OpenMode::ReadOnly).unwrap();
+        let want = [9u64, 3, 4, 5, 63, 3, 10, 0];
+        let mut got = Vec::new();
+        dev.read_in_order(&want, 3, |i, b, data| {
+            let data = data?;
+            assert_eq!(want[i], b);
+            got.push(u64::from_le_bytes(data[0..8].try_into().unwrap()));
+            Ok::<(), Error>(())
+        })
+        .unwrap();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn out_of_bounds_is_reported_per_block() {
+        let f = image(4);
+        let dev = BlockDevice::open(f.path(), OpenMode::ReadOnly).unwrap();
+        let mut errs = Vec::new();
+        dev.read_in_order(&[1, 7, 2], 8, |_, b, data| {
+            if data.is_err() {
+                errs.push(b);
+            }
+            Ok::<(), Error>(())
+        })
+        .unwrap();
+        assert_eq!(errs, vec![7]);
+    }
+
+    #[test]
+    fn small_and_missing_files_are_refused() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[0u8; 100]).unwrap();
+        assert!(matches!(
+            BlockDevice::open(f.path(), OpenMode::ReadOnly),
+            Err(OpenError::TooSmall(100))
+        ));
+        assert!(matches!(
+            BlockDevice::open(Path::new("/nonexistent/x"), OpenMode::ReadOnly),
+            Err(OpenError::NotFound)
+        ));
+        assert!(matches!(
+            BlockDevice::open(Path::new("/"), OpenMode::ReadOnly),
+            Err(OpenError::IsDirectory)
+        ));
+    }
+
+    #[test]
+    fn gzip_images_are_unpacked() {
+        let raw = image(3);
+        let data = std::fs::read(raw.path()).unwrap();
+        let mut gz = tempfile::NamedTempFile::new().unwrap();
+        let mut enc = flate2::write::GzEncoder::new(&mut gz, flate2::Compression::fast());
+        enc.write_all(&data).unwrap();
+        enc.finish().unwrap();
+        let dev = BlockDevice::open(gz.path(), OpenMode::ReadOnly).unwrap();
+        assert_eq!(dev.nr_blocks(), 3);
+        let mut b = vec![0u8; BLOCK_SIZE];
+        dev.read_block(2, &mut b).unwrap();
+        assert_eq!(b[0], 2);
+    }
+}

@@ -1,0 +1,446 @@
+//! Space maps: the kernel's record of how many references each block has.
+//!
+//! Both kinds keep 2-bit counts in bitmap blocks (16320 entries each) with
+//! counts of 3 or more in a separate ref-count btree (block -> u32). They
+//! differ in how bitmaps are found: the data ("disk") space map indexes them
+//! with a btree of [`IndexEntry`]s, the metadata space map with one index
+//! block of up to 255 entries.
+
+use std::collections::HashMap;
+
+use crate::pdata::btree::{Value, Walker};
+use crate::pdata::checksum::{self, BlockKind};
+use crate::pdata::counts::RefCounts;
+use crate::pdata::error::{Error, Problem, Result};
+use crate::pdata::io::BlockDevice;
+use crate::pdata::{le32, le64, BLOCK_SIZE};
+
+/// Entries (blocks) described by one bitmap block: (4096 - 16) * 4.
+pub const ENTRIES_PER_BITMAP: u64 = 16320;
+/// The metadata space map's index block holds at most this many entries.
+pub const MAX_METADATA_BITMAPS: usize = 255;
+/// The largest metadata device the kernel uses, in blocks (~15.875 GiB).
+pub const MAX_METADATA_BLOCKS: u64 = MAX_METADATA_BITMAPS as u64 * ENTRIES_PER_BITMAP;
+
+const BITMAP_HEADER: usize = 16;
+const INDEX_HEADER: usize = 16;
+/// Size of the sm root area in the superblock (only the first 32 bytes are used).
+pub const SM_ROOT_SIZE: usize = 128;
+
+/// `disk_sm_root`: the first 32 bytes of each 128-byte space-map root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SmRoot {
+    pub nr_blocks: u64,
+    pub nr_allocated: u64,
+    /// Data sm: root of the index btree. Metadata sm: the index block.
+    pub bitmap_root: u64,
+    pub ref_count_root: u64,
+}
+
+impl SmRoot {
+    pub fn parse(b: &[u8]) -> SmRoot {
+        SmRoot {
+            nr_blocks: le64(b, 0),
+            nr_allocated: le64(b, 8),
+            bitmap_root: le64(b, 16),
+            ref_count_root: le64(b, 24),
+        }
+    }
+
+    pub fn nr_bitmaps(&self) -> u64 {
+        self.nr_blocks.div_ceil(ENTRIES_PER_BITMAP)
+    }
+}
+
+/// Index entry (16 bytes): where a bitmap lives and a free-space hint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IndexEntry {
+    pub blocknr: u64,
+    pub nr_free: u32,
+    pub none_free_before: u32,
+}
+
+impl Value for IndexEntry {
+    const SIZE: usize = 16;
+    fn decode(b: &[u8]) -> Self {
+        IndexEntry {
+            blocknr: le64(b, 0),
+            nr_free: le32(b, 8),
+            none_free_before: le32(b, 12),
+        }
+    }
+}
+
+/// A validated view of a bitmap block.
+pub struct Bitmap<'a> {
+    words: &'a [u8],
+}
+
+impl<'a> Bitmap<'a> {
+    pub fn parse(loc: u64, data: &'a [u8]) -> Result<Bitmap<'a>> {
+        if !checksum::verify(data, BlockKind::Bitmap) {
+            return Err(Error::corrupt(
+                loc,
+                Problem::BadChecksum {
+                    expected: BlockKind::Bitmap,
+                    found: checksum::identify(data),
+                },
+            ));
+        }
+        let nr = le64(data, 8);
+        if nr != loc {
+            return Err(Error::corrupt(loc, Problem::WrongLocation { found: nr }));
+        }
+        Ok(Bitmap {
+            words: &data[BITMAP_HEADER..BLOCK_SIZE],
+        })
+    }
+
+    /// Entry `i` (< 16320): 0, 1, 2, or 3 meaning "look in the ref-count tree".
+    /// Within each le64 word, entry j uses bits 2j and 2j+1 with the even bit
+    /// as the high bit of the value.
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> u32 {
+        let w = le64(self.words, (i / 32) * 8);
+        let shift = (i % 32) * 2;
+        ((((w >> shift) & 1) << 1) | ((w >> (shift + 1)) & 1)) as u32
+    }
+}
+
+/// Encode one entry into a bitmap word (the inverse of [`Bitmap::get`]).
+pub fn bitmap_word_set(word: &mut u64, j: usize, v: u32) {
+    let shift = j * 2;
+    *word &= !(3u64 << shift);
+    *word |= (((v as u64) >> 1) & 1) << shift;
+    *word |= ((v as u64) & 1) << (shift + 1);
+}
+
+/// Which space map, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmKind {
+    Data,
+    Metadata,
+}
+
+impl std::fmt::Display for SmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SmKind::Data => "data",
+            SmKind::Metadata => "metadata",
+        })
+    }
+}
+
+/// An on-disk space map, loaded as far as needed to read any block's count:
+/// its index entries and its ref-count tree. Bitmaps are read on comparison.
+pub struct DiskSpaceMap {
+    pub kind: SmKind,
+    pub root: SmRoot,
+    pub index: Vec<IndexEntry>,
+    pub overflow: HashMap<u64, u32>,
+}
+
+/// What comparing a space map with recomputed counts found.
+#[derive(Debug, Default)]
+pub struct SmDiff {
+    /// Blocks the space map counts but nothing references: (block, on-disk count).
+    pub leaked: Vec<(u64, u32)>,
+    pub nr_leaked: u64,
+    /// Blocks whose on-disk count differs from the references found, other
+    /// than leaks: (block, on-disk, actual).
+    pub mismatched: Vec<(u64, u32, u32)>,
+    pub nr_mismatched: u64,
+    /// Damaged bitmaps or index entries.
+    pub errors: Vec<Error>,
+    /// Problems the kernel tolerates (free-space hints): non-fatal.
+    pub warnings: Vec<String>,
+}
+
+/// At most this many blocks are listed per kind of difference.
+const MAX_LISTED: usize = 16;
+
+impl SmDiff {
+    pub fn is_clean(&self) -> bool {
+        self.nr_leaked == 0 && self.nr_mismatched == 0 && self.errors.is_empty()
+    }
+}
+
+fn load_ref_count_tree(
+    walker: &mut Walker,
+    root: u64,
+    errors: &mut Vec<Error>,
+) -> HashMap<u64, u32> {
+    let mut overflow = HashMap::new();
+    walker.inc_ref(root);
+    let before = walker.issues.len();
+    walker.walk(root, u32::SIZE);
+    for issue in walker.issues.drain(before..).collect::<Vec<_>>() {
+        if issue.fatal {
+            errors.push(issue.error);
+        }
+    }
+    let leaves = walker.take_fresh_leaves();
+    let dev = walker.device();
+    dev.read_in_order(&leaves, 256, |_, b, data| {
+        match data.and_then(|d| walker.check_leaf(b, d, u32::SIZE)) {
+            Ok(node) => {
+                for (k, v) in node.entries::<u32>() {
+                    overflow.insert(k, v);
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .ok();
+    overflow
+}
+
+impl DiskSpaceMap {
+    /// Load the data space map: walk its index btree and ref-count tree,
+    /// counting every block it uses (tree nodes, bitmaps) in the walker.
+    pub fn load_data(walker: &mut Walker, root: SmRoot) -> (DiskSpaceMap, Vec<Error>) {
+        let mut errors = Vec::new();
+        let want = root.nr_bitmaps();
+        let mut index = Vec::new();
+        walker.inc_ref(root.bitmap_root);
+        let before = walker.issues.len();
+        let tree = walker.walk(root.bitmap_root, IndexEntry::SIZE);
+        for issue in walker.issues.drain(before..).collect::<Vec<_>>() {
+            if issue.fatal {
+                errors.push(issue.error);
+            }
+        }
+        let leaves = walker.leaves(&tree).to_vec();
+        walker.take_fresh_leaves();
+        let dev = walker.device();
+        let mut entries: Vec<(u64, IndexEntry)> = Vec::new();
+        dev.read_in_order(&leaves, 256, |_, b, data| {
+            match data.and_then(|d| walker.check_leaf(b, d, IndexEntry::SIZE)) {
+                Ok(node) => entries.extend(node.entries::<IndexEntry>()),
+                Err(e) => errors.push(e),
+            }
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .ok();
+        for (k, e) in entries {
+            if k != index.len() as u64 {
+                errors.push(Error::Other(format!(
+                    "data space map index: entry for bitmap {k} found where bitmap {} was expected",
+                    index.len()
+                )));
+                break;
+            }
+            index.push(e);
+        }
+        if index.len() as u64 != want && errors.is_empty() {
+            errors.push(Error::Other(format!(
+                "data space map index has {} bitmaps; {} blocks need {want}",
+                index.len(),
+                root.nr_blocks
+            )));
+        }
+        for e in &index {
+            walker.inc_ref(e.blocknr);
+        }
+        let overflow = load_ref_count_tree(walker, root.ref_count_root, &mut errors);
+        (
+            DiskSpaceMap {
+                kind: SmKind::Data,
+                root,
+                index,
+                overflow,
+            },
+            errors,
+        )
+    }
+
+    /// Load the metadata space map: its index block and ref-count tree,
+    /// counting the blocks it uses in the walker.
+    pub fn load_metadata(walker: &mut Walker, root: SmRoot) -> (DiskSpaceMap, Vec<Error>) {
+        let mut errors = Vec::new();
+        let mut index = Vec::new();
+        let loc = root.bitmap_root;
+        walker.inc_ref(loc);
+        let want = root.nr_bitmaps();
+        if want > MAX_METADATA_BITMAPS as u64 {
+            errors.push(Error::Other(format!(
+                "metadata space map claims {} blocks, more than the {MAX_METADATA_BLOCKS} one index block can describe",
+                root.nr_blocks
+            )));
+        } else {
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            match walker
+                .device()
+                .read_block(loc, &mut buf)
+                .and_then(|_| parse_metadata_index(loc, &buf, want as usize))
+            {
+                Ok(entries) => index = entries,
+                Err(e) => errors.push(e),
+            }
+        }
+        for e in &index {
+            walker.inc_ref(e.blocknr);
+        }
+        let overflow = load_ref_count_tree(walker, root.ref_count_root, &mut errors);
+        (
+            DiskSpaceMap {
+                kind: SmKind::Metadata,
+                root,
+                index,
+                overflow,
+            },
+            errors,
+        )
+    }
+
+    /// Compare every block's on-disk count with `actual`, reading the bitmaps
+    /// in sorted batches. Entries beyond `nr_blocks` in the last bitmap are ignored.
+    pub fn compare(&self, dev: &BlockDevice, actual: &RefCounts) -> SmDiff {
+        let mut diff = SmDiff::default();
+        let locs: Vec<u64> = self.index.iter().map(|e| e.blocknr).collect();
+        let nr_blocks = self.root.nr_blocks;
+        let mut nr_allocated = 0u64;
+        dev.read_in_order(&locs, 256, |i, loc, data| {
+            let bitmap = match data.and_then(|d| Bitmap::parse(loc, d)) {
+                Ok(b) => b,
+                Err(e) => {
+                    diff.errors.push(e);
+                    return Ok::<(), std::convert::Infallible>(());
+                }
+            };
+            let base = i as u64 * ENTRIES_PER_BITMAP;
+            let n = (nr_blocks - base).min(ENTRIES_PER_BITMAP) as usize;
+            let mut free = 0u32;
+            for j in 0..n {
+                let b = base + j as u64;
+                let small = bitmap.get(j);
+                let disk = if small == 3 { self.overflow.get(&b).copied().unwrap_or(0) } else { small };
+                if small == 3 && disk < 3 {
+                    diff.errors.push(Error::Other(format!(
+                        "{} space map: block {b} is marked as counted in the ref-count tree, which holds {}",
+                        self.kind,
+                        if disk == 0 { "no entry for it".to_string() } else { format!("count {disk}") }
+                    )));
+                }
+                if disk == 0 {
+                    free += 1;
+                } else {
+                    nr_allocated += 1;
+                }
+                let want = actual.get(b);
+                if disk != want {
+                    if want == 0 {
+                        diff.nr_leaked += 1;
+                        if diff.leaked.len() < MAX_LISTED {
+                            diff.leaked.push((b, disk));
+                        }
+                    } else {
+                        diff.nr_mismatched += 1;
+                        if diff.mismatched.len() < MAX_LISTED {
+                            diff.mismatched.push((b, disk, want));
+                        }
+                    }
+                }
+            }
+            // The kernel counts the unused tail of the last bitmap as free.
+            let e = &self.index[i];
+            let tail = (ENTRIES_PER_BITMAP as usize - n) as u32;
+            if e.nr_free != free && e.nr_free != free + tail {
+                diff.warnings.push(format!(
+                    "{} space map: index entry {i} says bitmap {loc} has {} free entries; it has {free}",
+                    self.kind, e.nr_free
+                ));
+            }
+            Ok(())
+        })
+        .ok();
+        if diff.errors.is_empty() && nr_allocated != self.root.nr_allocated {
+            diff.warnings.push(format!(
+                "{} space map root says {} blocks are allocated; its bitmaps count {nr_allocated}",
+                self.kind, self.root.nr_allocated
+            ));
+        }
+        diff
+    }
+}
+
+/// Validate the metadata space map's index block and return its first `want` entries.
+pub fn parse_metadata_index(loc: u64, data: &[u8], want: usize) -> Result<Vec<IndexEntry>> {
+    if !checksum::verify(data, BlockKind::MetadataIndex) {
+        return Err(Error::corrupt(
+            loc,
+            Problem::BadChecksum {
+                expected: BlockKind::MetadataIndex,
+                found: checksum::identify(data),
+            },
+        ));
+    }
+    let nr = le64(data, 8);
+    if nr != loc {
+        return Err(Error::corrupt(loc, Problem::WrongLocation { found: nr }));
+    }
+    let mut out = Vec::with_capacity(want);
+    for i in 0..want.min(MAX_METADATA_BITMAPS) {
+        let e = IndexEntry::decode(&data[INDEX_HEADER + 16 * i..INDEX_HEADER + 16 * (i + 1)]);
+        if e.blocknr == 0 {
+            return Err(Error::invalid(
+                loc,
+                format!("index entry {i} is empty; {want} bitmaps are needed"),
+            ));
+        }
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Read the bitmap-derived count of one block from an index + overflow (for tools
+/// that need a few lookups rather than a full comparison).
+pub fn lookup(dev: &BlockDevice, sm: &DiskSpaceMap, b: u64) -> Result<u32> {
+    let i = (b / ENTRIES_PER_BITMAP) as usize;
+    let e = sm
+        .index
+        .get(i)
+        .ok_or_else(|| Error::Other(format!("block {b} is beyond the {} space map", sm.kind)))?;
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    dev.read_block(e.blocknr, &mut buf)?;
+    let bm = Bitmap::parse(e.blocknr, &buf)?;
+    Ok(match bm.get((b % ENTRIES_PER_BITMAP) as usize) {
+        3 => sm.overflow.get(&b).copied().unwrap_or(0),
+        v => v,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitmap_entries_decode_with_the_even_bit_high() {
+        let mut blk = vec![0u8; BLOCK_SIZE];
+        let mut w0 = 0u64;
+        bitmap_word_set(&mut w0, 0, 1);
+        bitmap_word_set(&mut w0, 1, 2);
+        bitmap_word_set(&mut w0, 2, 3);
+        bitmap_word_set(&mut w0, 31, 2);
+        // Entry 0 = 1 is stored as bit1 set (the odd bit is the low bit).
+        assert_eq!(w0 & 3, 0b10);
+        blk[16..24].copy_from_slice(&w0.to_le_bytes());
+        blk[8..16].copy_from_slice(&9u64.to_le_bytes());
+        checksum::seal(&mut blk, BlockKind::Bitmap);
+        let bm = Bitmap::parse(9, &blk).unwrap();
+        assert_eq!(
+            (bm.get(0), bm.get(1), bm.get(2), bm.get(3), bm.get(31)),
+            (1, 2, 3, 0, 2)
+        );
+        assert!(Bitmap::parse(8, &blk).is_err());
+        blk[100] ^= 4;
+        assert!(Bitmap::parse(9, &blk).is_err());
+    }
+
+    #[test]
+    fn metadata_limits() {
+        assert_eq!(MAX_METADATA_BLOCKS, 4_161_600);
+        assert_eq!(MAX_METADATA_BLOCKS * 4096, 17_045_913_600);
+    }
+}

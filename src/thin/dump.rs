@@ -1,0 +1,777 @@
+//! thin_dump: metadata as a stream of events, and the writers that format
+//! them (the peer's XML byte for byte, its human-readable form, and JSON).
+//!
+//! One event model serves both directions: dump produces events from the
+//! trees; restore (later) produces them from XML and feeds a builder.
+
+use std::io::{self, Write};
+
+use crate::pdata::btree::Walker;
+use crate::pdata::io::BlockDevice;
+use crate::thin::device::BlockTime;
+use crate::thin::metadata::{Devices, ThinDevice};
+use crate::thin::runs::{plan_sharing, Entry};
+use crate::thin::superblock::{read_superblock, Superblock, SUPERBLOCK_LOCATION};
+use crate::thin::Error;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SuperblockInfo {
+    pub uuid: String,
+    pub time: u64,
+    pub transaction: u64,
+    pub flags: u32,
+    pub version: u32,
+    pub data_block_size: u32,
+    pub nr_data_blocks: u64,
+    pub metadata_snap: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub dev_id: u64,
+    pub mapped_blocks: u64,
+    pub transaction: u64,
+    pub creation_time: u64,
+    pub snap_time: u64,
+}
+
+/// `len` consecutive virtual blocks mapped to consecutive data blocks, all written at `time`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub origin_begin: u64,
+    pub data_begin: u64,
+    pub len: u64,
+    pub time: u32,
+}
+
+/// The event stream of a dump.
+pub trait MetadataVisitor {
+    fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()>;
+    fn superblock_end(&mut self) -> io::Result<()>;
+    /// A shared run of mappings, referenced by devices by name.
+    fn def_begin(&mut self, name: &str) -> io::Result<()>;
+    fn def_end(&mut self) -> io::Result<()>;
+    fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()>;
+    fn device_end(&mut self) -> io::Result<()>;
+    fn mapping(&mut self, m: &Mapping) -> io::Result<()>;
+    fn reference(&mut self, name: &str) -> io::Result<()>;
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Xml,
+    HumanReadable,
+    Json,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DumpOptions {
+    /// None: the live metadata. Some(None): the held metadata snapshot.
+    /// Some(Some(b)): a metadata snapshot superblock at block b.
+    pub metadata_snap: Option<Option<u64>>,
+    /// Only these devices (all when empty).
+    pub dev_ids: Vec<u64>,
+    pub skip_mappings: bool,
+}
+
+/// Which superblock a read-only tool works from (live, or a metadata snapshot's copy).
+pub fn select_superblock(
+    dev: &BlockDevice,
+    metadata_snap: Option<Option<u64>>,
+) -> Result<Superblock, Error> {
+    let sb =
+        read_superblock(dev, SUPERBLOCK_LOCATION).map_err(|e| Error::metadata("superblock", e))?;
+    match metadata_snap {
+        None => Ok(sb),
+        Some(loc) => {
+            let loc = match loc.or((sb.metadata_snap != 0).then_some(sb.metadata_snap)) {
+                Some(l) => l,
+                None => return Err(Error::NoMetadataSnap),
+            };
+            read_superblock(dev, loc).map_err(|e| {
+                Error::metadata(format!("metadata snapshot superblock (block {loc})"), e)
+            })
+        }
+    }
+}
+
+/// Dump the metadata on `dev` to `out`. `progress` is told how many leaves
+/// have been emitted, out of the total it is first given.
+pub fn dump(
+    dev: &BlockDevice,
+    opts: &DumpOptions,
+    out: &mut dyn MetadataVisitor,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), Error> {
+    let sb = select_superblock(dev, opts.metadata_snap)?;
+    let mut walker = Walker::new(dev).ignore_non_fatal(true);
+    let devices = Devices::read(&mut walker, &sb, opts.skip_mappings);
+    if let Some((tree, e)) = devices.first_fatal() {
+        return Err(Error::metadata(tree, clone_error(e)));
+    }
+    let selected = |id: &u64| opts.dev_ids.is_empty() || opts.dev_ids.contains(id);
+
+    let info = SuperblockInfo {
+        uuid: String::new(),
+        time: sb.time as u64,
+        transaction: sb.transaction_id,
+        flags: sb.flags,
+        version: 2,
+        data_block_size: sb.data_block_size,
+        nr_data_blocks: sb.data_sm().nr_blocks,
+        metadata_snap: None,
+    };
+
+    if opts.skip_mappings {
+        out.superblock_begin(&info)?;
+        for (&id, d) in devices.details.iter().filter(|(id, _)| selected(id)) {
+            out.device_begin(&device_info(&ThinDevice {
+                id,
+                details: *d,
+                root: 0,
+            }))?;
+            out.device_end()?;
+        }
+        out.superblock_end()?;
+        out.finish()?;
+        return Ok(());
+    }
+
+    let (devs, errs) = devices.joined();
+    if let Some(e) = errs.into_iter().next() {
+        return Err(Error::Inconsistent(e));
+    }
+    let devs: Vec<ThinDevice> = devs.into_iter().filter(|d| selected(&d.id)).collect();
+
+    // Walk every selected device's mapping tree (shared subtrees once).
+    let mut trees = Vec::with_capacity(devs.len());
+    for d in &devs {
+        let before = walker.issues.len();
+        trees.push(walker.walk(d.root, 8));
+        if let Some(issue) = walker.issues[before..].iter().find(|i| i.fatal) {
+            return Err(Error::metadata(
+                format!("mapping tree of device {}", d.id),
+                clone_error(&issue.error),
+            ));
+        }
+    }
+    let seqs: Vec<&[u64]> = trees.iter().map(|t| walker.leaves(t)).collect();
+    let plan = plan_sharing(dev.nr_blocks(), &seqs);
+
+    // Lay the output out as events, then stream the leaves in that order.
+    enum Ev {
+        DefBegin(u64),
+        DefEnd,
+        DevBegin(usize),
+        DevEnd,
+        Leaf,
+        Ref(u64),
+    }
+    let mut events = Vec::new();
+    let mut leaves = Vec::new();
+    for run in &plan.defs {
+        events.push(Ev::DefBegin(run.leaves[0]));
+        for &l in &run.leaves {
+            events.push(Ev::Leaf);
+            leaves.push(l);
+        }
+        events.push(Ev::DefEnd);
+    }
+    for (i, seq) in plan.sequences.iter().enumerate() {
+        events.push(Ev::DevBegin(i));
+        for e in seq {
+            match *e {
+                Entry::Leaf(l) => {
+                    events.push(Ev::Leaf);
+                    leaves.push(l);
+                }
+                Entry::Ref(r) => events.push(Ev::Ref(r)),
+            }
+        }
+        events.push(Ev::DevEnd);
+    }
+
+    out.superblock_begin(&info)?;
+    let total = leaves.len() as u64;
+    let mut runs = RunBuilder::default();
+    let mut cursor = 0usize;
+    let mut owner: Option<u64> = None; // device being emitted (for messages)
+    let mut name = itoa::Buffer::new();
+
+    // Emit the non-leaf events up to the next leaf.
+    let mut advance = |out: &mut dyn MetadataVisitor,
+                       cursor: &mut usize,
+                       runs: &mut RunBuilder,
+                       owner: &mut Option<u64>|
+     -> io::Result<()> {
+        while *cursor < events.len() {
+            match &events[*cursor] {
+                Ev::Leaf => return Ok(()),
+                ev => {
+                    if let Some(m) = runs.take() {
+                        out.mapping(&m)?;
+                    }
+                    match ev {
+                        Ev::DefBegin(n) => out.def_begin(name.format(*n))?,
+                        Ev::DefEnd => out.def_end()?,
+                        Ev::DevBegin(i) => {
+                            *owner = Some(devs[*i].id);
+                            out.device_begin(&device_info(&devs[*i]))?
+                        }
+                        Ev::DevEnd => out.device_end()?,
+                        Ev::Ref(n) => out.reference(name.format(*n))?,
+                        Ev::Leaf => unreachable!(),
+                    }
+                }
+            }
+            *cursor += 1;
+        }
+        Ok(())
+    };
+
+    let mut emitted = 0u64;
+    progress(0, total);
+    dev.read_in_order(&leaves, 1024, |_, b, data| -> Result<(), Error> {
+        advance(out, &mut cursor, &mut runs, &mut owner)?;
+        cursor += 1; // the leaf
+        let node = data.and_then(|d| walker.check_leaf(b, d, 8)).map_err(|e| {
+            let ctx = match owner {
+                Some(id) => format!("mapping tree of device {id}"),
+                None => "shared mapping leaves".to_string(),
+            };
+            Error::metadata(ctx, e)
+        })?;
+        for i in 0..node.nr_entries() {
+            let bt = BlockTime::unpack(node.value::<u64>(i));
+            if let Some(m) = runs.push(node.key(i), bt) {
+                out.mapping(&m)?;
+            }
+        }
+        emitted += 1;
+        if emitted % 4096 == 0 {
+            progress(emitted, total);
+        }
+        Ok(())
+    })?;
+    advance(out, &mut cursor, &mut runs, &mut owner)?;
+    progress(total, total);
+    out.superblock_end()?;
+    out.finish()?;
+    Ok(())
+}
+
+fn device_info(d: &ThinDevice) -> DeviceInfo {
+    DeviceInfo {
+        dev_id: d.id,
+        mapped_blocks: d.details.mapped_blocks,
+        transaction: d.details.transaction_id,
+        creation_time: d.details.creation_time as u64,
+        snap_time: d.details.snapshotted_time as u64,
+    }
+}
+
+pub(crate) fn clone_error(e: &crate::pdata::Error) -> crate::pdata::Error {
+    use crate::pdata::Error as E;
+    match e {
+        E::Io { block, source } => E::Io {
+            block: *block,
+            source: io::Error::new(source.kind(), source.to_string()),
+        },
+        E::OutOfBounds { block, nr_blocks } => E::OutOfBounds {
+            block: *block,
+            nr_blocks: *nr_blocks,
+        },
+        E::Corrupt { block, problem } => E::Corrupt {
+            block: *block,
+            problem: problem.clone(),
+        },
+        E::Other(s) => E::Other(s.clone()),
+    }
+}
+
+/// Merges consecutive mappings into runs: same time, consecutive virtual and data blocks.
+#[derive(Default)]
+struct RunBuilder {
+    cur: Option<Mapping>,
+}
+
+impl RunBuilder {
+    #[inline]
+    fn push(&mut self, vblock: u64, bt: BlockTime) -> Option<Mapping> {
+        if let Some(m) = &mut self.cur {
+            if vblock == m.origin_begin + m.len
+                && bt.block == m.data_begin + m.len
+                && bt.time == m.time
+            {
+                m.len += 1;
+                return None;
+            }
+        }
+        self.cur.replace(Mapping {
+            origin_begin: vblock,
+            data_begin: bt.block,
+            len: 1,
+            time: bt.time,
+        })
+    }
+
+    fn take(&mut self) -> Option<Mapping> {
+        self.cur.take()
+    }
+}
+
+//------------------------------------------------------------------------------
+// Writers
+
+/// The peer's XML: two-space indent, one element a line, no declaration and
+/// no trailing newline.
+pub struct XmlWriter<W: Write> {
+    w: W,
+    depth: usize,
+    started: bool,
+}
+
+impl<W: Write> XmlWriter<W> {
+    pub fn new(w: W) -> Self {
+        XmlWriter {
+            w,
+            depth: 0,
+            started: false,
+        }
+    }
+
+    fn open_line(&mut self) -> io::Result<()> {
+        if self.started {
+            self.w.write_all(b"\n")?;
+        }
+        self.started = true;
+        const SPACES: &[u8] = &[b' '; 64];
+        let mut n = self.depth * 2;
+        while n > 0 {
+            let k = n.min(SPACES.len());
+            self.w.write_all(&SPACES[..k])?;
+            n -= k;
+        }
+        Ok(())
+    }
+
+    fn attr_u64(&mut self, name: &str, v: u64) -> io::Result<()> {
+        let mut b = itoa::Buffer::new();
+        self.w.write_all(b" ")?;
+        self.w.write_all(name.as_bytes())?;
+        self.w.write_all(b"=\"")?;
+        self.w.write_all(b.format(v).as_bytes())?;
+        self.w.write_all(b"\"")
+    }
+
+    fn attr_str(&mut self, name: &str, v: &str) -> io::Result<()> {
+        self.w.write_all(b" ")?;
+        self.w.write_all(name.as_bytes())?;
+        self.w.write_all(b"=\"")?;
+        write_escaped(&mut self.w, v)?;
+        self.w.write_all(b"\"")
+    }
+
+    fn end_tag(&mut self, tag: &str) -> io::Result<()> {
+        self.depth -= 1;
+        self.open_line()?;
+        self.w.write_all(b"</")?;
+        self.w.write_all(tag.as_bytes())?;
+        self.w.write_all(b">")
+    }
+
+    pub fn into_inner(self) -> W {
+        self.w
+    }
+}
+
+fn write_escaped(w: &mut impl Write, s: &str) -> io::Result<()> {
+    for c in s.chars() {
+        match c {
+            '<' => w.write_all(b"&lt;")?,
+            '>' => w.write_all(b"&gt;")?,
+            '&' => w.write_all(b"&amp;")?,
+            '"' => w.write_all(b"&quot;")?,
+            '\'' => w.write_all(b"&apos;")?,
+            c => {
+                let mut buf = [0u8; 4];
+                w.write_all(c.encode_utf8(&mut buf).as_bytes())?
+            }
+        }
+    }
+    Ok(())
+}
+
+impl<W: Write> MetadataVisitor for XmlWriter<W> {
+    fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
+        self.open_line()?;
+        self.w.write_all(b"<superblock")?;
+        self.attr_str("uuid", &sb.uuid)?;
+        self.attr_u64("time", sb.time)?;
+        self.attr_u64("transaction", sb.transaction)?;
+        if sb.flags != 0 {
+            self.attr_u64("flags", sb.flags as u64)?;
+        }
+        self.attr_u64("version", sb.version as u64)?;
+        self.attr_u64("data_block_size", sb.data_block_size as u64)?;
+        self.attr_u64("nr_data_blocks", sb.nr_data_blocks)?;
+        if let Some(s) = sb.metadata_snap {
+            self.attr_u64("metadata_snap", s)?;
+        }
+        self.w.write_all(b">")?;
+        self.depth += 1;
+        Ok(())
+    }
+    fn superblock_end(&mut self) -> io::Result<()> {
+        self.end_tag("superblock")
+    }
+    fn def_begin(&mut self, name: &str) -> io::Result<()> {
+        self.open_line()?;
+        self.w.write_all(b"<def")?;
+        self.attr_str("name", name)?;
+        self.w.write_all(b">")?;
+        self.depth += 1;
+        Ok(())
+    }
+    fn def_end(&mut self) -> io::Result<()> {
+        self.end_tag("def")
+    }
+    fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
+        self.open_line()?;
+        self.w.write_all(b"<device")?;
+        self.attr_u64("dev_id", d.dev_id)?;
+        self.attr_u64("mapped_blocks", d.mapped_blocks)?;
+        self.attr_u64("transaction", d.transaction)?;
+        self.attr_u64("creation_time", d.creation_time)?;
+        self.attr_u64("snap_time", d.snap_time)?;
+        self.w.write_all(b">")?;
+        self.depth += 1;
+        Ok(())
+    }
+    fn device_end(&mut self) -> io::Result<()> {
+        self.end_tag("device")
+    }
+    fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
+        self.open_line()?;
+        if m.len == 1 {
+            self.w.write_all(b"<single_mapping")?;
+            self.attr_u64("origin_block", m.origin_begin)?;
+            self.attr_u64("data_block", m.data_begin)?;
+        } else {
+            self.w.write_all(b"<range_mapping")?;
+            self.attr_u64("origin_begin", m.origin_begin)?;
+            self.attr_u64("data_begin", m.data_begin)?;
+            self.attr_u64("length", m.len)?;
+        }
+        self.attr_u64("time", m.time as u64)?;
+        self.w.write_all(b"/>")
+    }
+    fn reference(&mut self, name: &str) -> io::Result<()> {
+        self.open_line()?;
+        self.w.write_all(b"<ref")?;
+        self.attr_str("name", name)?;
+        self.w.write_all(b"/>")
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// The peer's `--format human_readable`.
+pub struct HumanWriter<W: Write> {
+    w: W,
+}
+
+impl<W: Write> HumanWriter<W> {
+    pub fn new(w: W) -> Self {
+        HumanWriter { w }
+    }
+}
+
+impl<W: Write> MetadataVisitor for HumanWriter<W> {
+    fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
+        write!(
+            self.w,
+            "begin superblock: \"{}\", {}, {}, {}, {}, {}, {}",
+            sb.uuid,
+            sb.time,
+            sb.transaction,
+            sb.flags,
+            sb.version,
+            sb.data_block_size,
+            sb.nr_data_blocks
+        )?;
+        match sb.metadata_snap {
+            Some(b) => writeln!(self.w, ", {b}"),
+            None => writeln!(self.w),
+        }
+    }
+    fn superblock_end(&mut self) -> io::Result<()> {
+        self.w.write_all(b"end superblock\n")
+    }
+    fn def_begin(&mut self, name: &str) -> io::Result<()> {
+        writeln!(self.w, "def: {name}")
+    }
+    fn def_end(&mut self) -> io::Result<()> {
+        self.w.write_all(b"\n")
+    }
+    fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
+        writeln!(
+            self.w,
+            "device: {}\nmapped_blocks: {}\ntransaction: {}\ncreation time: {}\nsnap time: {}",
+            d.dev_id, d.mapped_blocks, d.transaction, d.creation_time, d.snap_time
+        )
+    }
+    fn device_end(&mut self) -> io::Result<()> {
+        self.w.write_all(b"\n")
+    }
+    fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
+        writeln!(
+            self.w,
+            "    ({}..{}) -> ({}..{}), {}",
+            m.origin_begin,
+            m.origin_begin + m.len - 1,
+            m.data_begin,
+            m.data_begin + m.len - 1,
+            m.time
+        )
+    }
+    fn reference(&mut self, name: &str) -> io::Result<()> {
+        writeln!(self.w, "    ref: {name}")
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// JSON output (thinmeta's own; schema in man/thin_dump.8 and docs/json-dump.md):
+/// `{"superblock":{...},"defs":[{"name":..,"mappings":[..]}],"devices":[{..,"mappings":[..]}]}`
+/// where each mapping is `{"origin_begin":..,"data_begin":..,"length":..,"time":..}`
+/// or `{"ref":"NAME"}`. One JSON document, streamed.
+pub struct JsonWriter<W: Write> {
+    w: W,
+    /// Whether the current array has an element already.
+    need_comma: bool,
+    in_devices: bool,
+    defs_open: bool,
+}
+
+impl<W: Write> JsonWriter<W> {
+    pub fn new(w: W) -> Self {
+        JsonWriter {
+            w,
+            need_comma: false,
+            in_devices: false,
+            defs_open: false,
+        }
+    }
+    fn sep(&mut self) -> io::Result<()> {
+        if self.need_comma {
+            self.w.write_all(b",")?;
+        }
+        self.need_comma = true;
+        Ok(())
+    }
+    fn num(&mut self, key: &str, v: u64, comma: bool) -> io::Result<()> {
+        let mut b = itoa::Buffer::new();
+        if comma {
+            self.w.write_all(b",")?;
+        }
+        write!(self.w, "\"{key}\":")?;
+        self.w.write_all(b.format(v).as_bytes())
+    }
+    fn string(&mut self, s: &str) -> io::Result<()> {
+        self.w.write_all(b"\"")?;
+        for c in s.chars() {
+            match c {
+                '"' => self.w.write_all(b"\\\"")?,
+                '\\' => self.w.write_all(b"\\\\")?,
+                c if (c as u32) < 0x20 => write!(self.w, "\\u{:04x}", c as u32)?,
+                c => write!(self.w, "{c}")?,
+            }
+        }
+        self.w.write_all(b"\"")
+    }
+    fn open_devices(&mut self) -> io::Result<()> {
+        if !self.in_devices {
+            if !self.defs_open {
+                self.w.write_all(b",\"defs\":[")?;
+            }
+            self.w.write_all(b"\n],\"devices\":[")?;
+            self.in_devices = true;
+            self.defs_open = true;
+            self.need_comma = false;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> MetadataVisitor for JsonWriter<W> {
+    fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
+        self.w.write_all(b"{\"superblock\":{\"uuid\":")?;
+        self.string(&sb.uuid)?;
+        self.num("time", sb.time, true)?;
+        self.num("transaction", sb.transaction, true)?;
+        self.num("flags", sb.flags as u64, true)?;
+        self.num("version", sb.version as u64, true)?;
+        self.num("data_block_size", sb.data_block_size as u64, true)?;
+        self.num("nr_data_blocks", sb.nr_data_blocks, true)?;
+        match sb.metadata_snap {
+            Some(b) => self.num("metadata_snap", b, true)?,
+            None => self.w.write_all(b",\"metadata_snap\":null")?,
+        }
+        self.w.write_all(b"}")?;
+        Ok(())
+    }
+    fn superblock_end(&mut self) -> io::Result<()> {
+        self.open_devices()?;
+        self.w.write_all(b"\n]}\n")
+    }
+    fn def_begin(&mut self, name: &str) -> io::Result<()> {
+        if !self.defs_open {
+            self.w.write_all(b",\"defs\":[")?;
+            self.defs_open = true;
+            self.need_comma = false;
+        }
+        self.sep()?;
+        self.w.write_all(b"\n{\"name\":")?;
+        self.string(name)?;
+        self.w.write_all(b",\"mappings\":[")?;
+        self.need_comma = false;
+        Ok(())
+    }
+    fn def_end(&mut self) -> io::Result<()> {
+        self.w.write_all(b"]}")?;
+        self.need_comma = true;
+        Ok(())
+    }
+    fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
+        self.open_devices()?;
+        self.sep()?;
+        self.w.write_all(b"\n{")?;
+        self.num("dev_id", d.dev_id, false)?;
+        self.num("mapped_blocks", d.mapped_blocks, true)?;
+        self.num("transaction", d.transaction, true)?;
+        self.num("creation_time", d.creation_time, true)?;
+        self.num("snap_time", d.snap_time, true)?;
+        self.w.write_all(b",\"mappings\":[")?;
+        self.need_comma = false;
+        Ok(())
+    }
+    fn device_end(&mut self) -> io::Result<()> {
+        self.w.write_all(b"]}")?;
+        self.need_comma = true;
+        Ok(())
+    }
+    fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
+        self.sep()?;
+        self.w.write_all(b"\n{")?;
+        self.num("origin_begin", m.origin_begin, false)?;
+        self.num("data_begin", m.data_begin, true)?;
+        self.num("length", m.len, true)?;
+        self.num("time", m.time as u64, true)?;
+        self.w.write_all(b"}")
+    }
+    fn reference(&mut self, name: &str) -> io::Result<()> {
+        self.sep()?;
+        self.w.write_all(b"\n{\"ref\":")?;
+        self.string(name)?;
+        self.w.write_all(b"}")
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(out: &mut dyn MetadataVisitor) {
+        let sb = SuperblockInfo {
+            uuid: String::new(),
+            time: 1,
+            transaction: 2,
+            flags: 0,
+            version: 2,
+            data_block_size: 128,
+            nr_data_blocks: 1024,
+            metadata_snap: None,
+        };
+        out.superblock_begin(&sb).unwrap();
+        out.def_begin("17").unwrap();
+        out.mapping(&Mapping {
+            origin_begin: 0,
+            data_begin: 0,
+            len: 64,
+            time: 0,
+        })
+        .unwrap();
+        out.def_end().unwrap();
+        let d = DeviceInfo {
+            dev_id: 1,
+            mapped_blocks: 65,
+            transaction: 0,
+            creation_time: 0,
+            snap_time: 1,
+        };
+        out.device_begin(&d).unwrap();
+        out.reference("17").unwrap();
+        out.mapping(&Mapping {
+            origin_begin: 70,
+            data_begin: 5,
+            len: 1,
+            time: 1,
+        })
+        .unwrap();
+        out.device_end().unwrap();
+        out.superblock_end().unwrap();
+        out.finish().unwrap();
+    }
+
+    #[test]
+    fn xml_layout_matches_the_peer() {
+        let mut w = XmlWriter::new(Vec::new());
+        sample(&mut w);
+        let s = String::from_utf8(w.into_inner()).unwrap();
+        assert_eq!(
+            s,
+            "<superblock uuid=\"\" time=\"1\" transaction=\"2\" version=\"2\" data_block_size=\"128\" nr_data_blocks=\"1024\">\n  <def name=\"17\">\n    <range_mapping origin_begin=\"0\" data_begin=\"0\" length=\"64\" time=\"0\"/>\n  </def>\n  <device dev_id=\"1\" mapped_blocks=\"65\" transaction=\"0\" creation_time=\"0\" snap_time=\"1\">\n    <ref name=\"17\"/>\n    <single_mapping origin_block=\"70\" data_block=\"5\" time=\"1\"/>\n  </device>\n</superblock>"
+        );
+    }
+
+    #[test]
+    fn json_is_one_document() {
+        let mut w = JsonWriter::new(Vec::new());
+        sample(&mut w);
+        let s = String::from_utf8(w.w).unwrap();
+        assert!(s.starts_with("{\"superblock\":{\"uuid\":\"\",\"time\":1,"));
+        assert!(s.contains("\"defs\":[\n{\"name\":\"17\",\"mappings\":[\n{\"origin_begin\":0,\"data_begin\":0,\"length\":64,\"time\":0}]}\n]"));
+        assert!(s.contains("{\"ref\":\"17\"}"));
+        assert!(s.ends_with("]}\n"));
+        // Balanced brackets.
+        assert_eq!(s.matches('[').count(), s.matches(']').count());
+        assert_eq!(s.matches('{').count(), s.matches('}').count());
+    }
+
+    #[test]
+    fn runs_merge_only_when_everything_is_consecutive() {
+        let mut r = RunBuilder::default();
+        assert!(r.push(0, BlockTime { block: 10, time: 0 }).is_none());
+        assert!(r.push(1, BlockTime { block: 11, time: 0 }).is_none());
+        let m = r.push(2, BlockTime { block: 12, time: 1 }).unwrap();
+        assert_eq!(
+            m,
+            Mapping {
+                origin_begin: 0,
+                data_begin: 10,
+                len: 2,
+                time: 0
+            }
+        );
+        let m = r.push(4, BlockTime { block: 13, time: 1 }).unwrap();
+        assert_eq!(m.len, 1);
+        assert_eq!(r.take().unwrap().origin_begin, 4);
+    }
+}

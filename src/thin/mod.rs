@@ -1,0 +1,41 @@
+//! dm-thin metadata: superblock, devices, mapping trees, and the tools' logic.
+
+pub mod check;
+pub mod device;
+pub mod dump;
+pub mod metadata;
+pub mod runs;
+pub mod superblock;
+
+use crate::pdata;
+
+/// Errors of the thin tools' library layer; the command edge turns them into
+/// one-line messages and exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The metadata is damaged (or unreadable) where `context` says.
+    #[error("{context}: {source}")]
+    Metadata {
+        context: String,
+        #[source]
+        source: pdata::Error,
+    },
+    #[error("no metadata snapshot is held (the superblock's metadata_snap is 0)")]
+    NoMetadataSnap,
+    /// The trees contradict each other.
+    #[error("{0}")]
+    Inconsistent(String),
+    #[error("writing output: {0}")]
+    Output(#[from] std::io::Error),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    pub fn metadata(context: impl Into<String>, source: pdata::Error) -> Self {
+        Error::Metadata {
+            context: context.into(),
+            source,
+        }
+    }
+}
