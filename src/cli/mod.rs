@@ -42,8 +42,11 @@ impl Failure {
     }
 }
 
+/// A tool's entry point: its name and its full argv (argv[0] first).
+pub type ToolMain = fn(&'static str, Vec<OsString>) -> i32;
+
 /// The tools, by the name they are called as.
-pub const TOOLS: &[(&str, fn(&'static str, Vec<OsString>) -> i32)] = &[
+pub const TOOLS: &[(&str, ToolMain)] = &[
     ("thin_check", thin_check::main),
     ("thin_dump", thin_dump::main),
 ];

@@ -1,4 +1,239 @@
+//! thin_check: validate thin metadata; exit 0 only when it is sound.
+
 use std::ffi::OsString;
-pub fn main(_name: &'static str, _args: Vec<OsString>) -> i32 {
-    70
+use std::path::{Path, PathBuf};
+
+use clap::{Arg, ArgAction, Command};
+
+use super::progress::Progress;
+use super::*;
+use crate::pdata::BLOCK_SIZE;
+use crate::thin::check::{check, CheckOptions, CheckReport, Severity};
+use crate::thin::superblock::{set_flags, Superblock, NEEDS_CHECK_FLAG, SUPERBLOCK_LOCATION};
+
+fn command(name: &'static str) -> Command {
+    Command::new(name)
+        .about("Validates thin provisioning metadata on a device or file.")
+        .disable_version_flag(true)
+        .arg(
+            Arg::new("INPUT")
+                .help("Specify the input device to check")
+                .required(true)
+                .value_parser(clap::value_parser!(PathBuf)),
+        )
+        .arg(
+            Arg::new("auto-repair")
+                .long("auto-repair")
+                .action(ArgAction::SetTrue)
+                .help("Auto repair trivial issues."),
+        )
+        .arg(
+            Arg::new("clear-needs-check-flag")
+                .long("clear-needs-check-flag")
+                .action(ArgAction::SetTrue)
+                .help("Clears the 'needs_check' flag in the superblock"),
+        )
+        .arg(
+            Arg::new("ignore-non-fatal-errors")
+                .long("ignore-non-fatal-errors")
+                .action(ArgAction::SetTrue)
+                .help("Only return a non-zero exit code if a fatal error is found."),
+        )
+        .arg(
+            Arg::new("metadata-snap")
+                .short('m')
+                .long("metadata-snap")
+                .action(ArgAction::SetTrue)
+                .help("Check the metadata snapshot on a live pool"),
+        )
+        .arg(
+            Arg::new("override-details-root")
+                .long("override-details-root")
+                .value_name("BLOCKNR")
+                .help("Specify a details root to use"),
+        )
+        .arg(
+            Arg::new("override-mapping-root")
+                .long("override-mapping-root")
+                .value_name("BLOCKNR")
+                .help("Specify a mapping root to use"),
+        )
+        .arg(
+            Arg::new("quiet")
+                .short('q')
+                .long("quiet")
+                .action(ArgAction::SetTrue)
+                .help("Suppress output messages, return only exit code."),
+        )
+        .arg(
+            Arg::new("skip-mappings")
+                .long("skip-mappings")
+                .action(ArgAction::SetTrue)
+                .help("Don't check the mapping tree"),
+        )
+        .arg(
+            Arg::new("super-block-only")
+                .long("super-block-only")
+                .action(ArgAction::SetTrue)
+                .help("Only check the superblock."),
+        )
+        .arg(version_arg())
+}
+
+pub fn main(name: &'static str, args: Vec<OsString>) -> i32 {
+    let m = match parse_args(command(name), args) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    match run(name, &m) {
+        Ok(code) => code,
+        Err(f) => report(name, f),
+    }
+}
+
+fn opt_block(m: &clap::ArgMatches, id: &str) -> Result<Option<u64>, Failure> {
+    m.get_one::<String>(id)
+        .map(|s| parse_u64(s).map_err(|e| Failure::new(EXIT_USAGE, format!("--{id}: {e}"))))
+        .transpose()
+}
+
+fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
+    let input = m.get_one::<PathBuf>("INPUT").unwrap();
+    let quiet = m.get_flag("quiet");
+    let opts = CheckOptions {
+        sb_only: m.get_flag("super-block-only"),
+        skip_mappings: m.get_flag("skip-mappings"),
+        ignore_non_fatal: m.get_flag("ignore-non-fatal-errors"),
+        metadata_snap: m.get_flag("metadata-snap"),
+        override_mapping_root: opt_block(m, "override-mapping-root")?,
+        override_details_root: opt_block(m, "override-details-root")?,
+    };
+    let clear_needs_check = m.get_flag("clear-needs-check-flag");
+    let auto_repair = m.get_flag("auto-repair");
+    let writes = clear_needs_check || auto_repair;
+    if writes
+        && (opts.metadata_snap
+            || opts.override_mapping_root.is_some()
+            || opts.override_details_root.is_some())
+    {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            "--clear-needs-check-flag and --auto-repair change the live superblock; they cannot be combined with -m or the override options",
+        ));
+    }
+
+    let mode = if opts.metadata_snap {
+        OpenMode::ReadOnly
+    } else {
+        OpenMode::ReadOnlyExclusive
+    };
+    let dev = open_device(input, mode)?;
+    let mut progress = Progress::new("Checking mappings", quiet, true);
+    let rep = check(&dev, &opts, &mut |d, t| progress.update(d, t));
+    progress.finish();
+
+    if !quiet {
+        if let Some(sb) = &rep.superblock {
+            println!("TRANSACTION_ID={}", sb.transaction_id);
+            println!(
+                "METADATA_FREE_BLOCKS={}",
+                rep.metadata_free_blocks().unwrap_or(0)
+            );
+        }
+        print_findings(name, input, &rep, opts.ignore_non_fatal);
+    }
+
+    let passed = rep.passed(opts.ignore_non_fatal);
+    if !passed {
+        if !quiet {
+            let fatal = rep
+                .findings
+                .iter()
+                .filter(|f| f.severity == Severity::Fatal)
+                .count();
+            let nonfatal = rep.findings.len() - fatal;
+            let hint = if fatal == 0 && rep.data_leaks + rep.metadata_leaks > 0 {
+                " (only leaked blocks: the pool is usable; --ignore-non-fatal-errors accepts them)"
+            } else {
+                ""
+            };
+            eprintln!(
+                "{name}: {}: check failed: {fatal} fatal and {nonfatal} non-fatal problems{hint}",
+                input.display()
+            );
+        }
+        if auto_repair
+            && rep
+                .findings
+                .iter()
+                .all(|f| f.severity == Severity::NonFatal)
+        {
+            eprintln!("{name}: {}: --auto-repair cannot fix these yet (it comes with thin_repair); nothing was written", input.display());
+        }
+        let io = rep
+            .findings
+            .iter()
+            .any(|f| f.io && f.severity == Severity::Fatal);
+        return Ok(if io { EXIT_IO } else { EXIT_DAMAGED });
+    }
+
+    if writes {
+        if let Some(sb) = &rep.superblock {
+            if sb.needs_check() {
+                drop(dev);
+                clear_needs_check_flag(input, sb)?;
+                if !quiet {
+                    eprintln!("{name}: {}: cleared the needs_check flag", input.display());
+                }
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn print_findings(name: &str, input: &Path, rep: &CheckReport, ignore_non_fatal: bool) {
+    for f in &rep.findings {
+        let tag = match f.severity {
+            Severity::Fatal => "",
+            Severity::NonFatal if ignore_non_fatal => "warning (ignored): ",
+            Severity::NonFatal => "non-fatal: ",
+        };
+        eprintln!(
+            "{name}: {}: {tag}{}: {}",
+            input.display(),
+            f.area,
+            f.message
+        );
+    }
+}
+
+/// Clear needs_check: reopen read-write and exclusive, make sure the
+/// superblock is still the one that was checked, then rewrite block 0 with
+/// only the flags and checksum changed (inside the first sector, which the
+/// device writes atomically) and flush.
+fn clear_needs_check_flag(input: &Path, checked: &Superblock) -> Result<(), Failure> {
+    let dev = open_device(input, OpenMode::ReadWriteExclusive)?;
+    let mut block = vec![0u8; BLOCK_SIZE];
+    let io = |e: crate::pdata::Error| Failure::new(EXIT_IO, format!("{}: {e}", input.display()));
+    dev.read_block(SUPERBLOCK_LOCATION, &mut block)
+        .map_err(io)?;
+    let now = Superblock::parse(SUPERBLOCK_LOCATION, &block).map_err(|e| {
+        Failure::new(
+            EXIT_DAMAGED,
+            format!("{}: superblock: {e}", input.display()),
+        )
+    })?;
+    if &now != checked {
+        return Err(Failure::new(
+            EXIT_BUSY,
+            format!(
+                "{}: the superblock changed during the check; not clearing needs_check",
+                input.display()
+            ),
+        ));
+    }
+    set_flags(&mut block, now.flags & !NEEDS_CHECK_FLAG);
+    dev.write_block(SUPERBLOCK_LOCATION, &block).map_err(io)?;
+    dev.sync().map_err(io)?;
+    Ok(())
 }

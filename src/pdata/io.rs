@@ -85,7 +85,17 @@ impl BlockDevice {
             opts.custom_flags(libc::O_EXCL);
         }
         let mut file = opts.open(path)?;
-        let size = file.seek(SeekFrom::End(0))?;
+        let size = match file.seek(SeekFrom::End(0)) {
+            Ok(s) => s,
+            // A pipe (`thin_check <(zcat meta.gz)`): read it into a temporary file.
+            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) && !writable => {
+                let mut tmp = tempfile::tempfile()?;
+                std::io::copy(&mut file, &mut tmp)?;
+                file = tmp;
+                file.seek(SeekFrom::End(0))?
+            }
+            Err(e) => return Err(e.into()),
+        };
 
         if !writable && !is_blockdev && size >= 2 {
             let mut magic = [0u8; 2];
@@ -247,8 +257,11 @@ fn clone_err(e: &Error) -> Error {
 }
 
 fn gunzip_to_tempfile(src: &File) -> std::io::Result<File> {
+    // Clones share the file position, which the size probe left at the end.
+    let mut src = src.try_clone()?;
+    src.seek(SeekFrom::Start(0))?;
     let mut reader =
-        flate2::read::GzDecoder::new(std::io::BufReader::with_capacity(1 << 20, src.try_clone()?));
+        flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 20, src));
     let mut tmp = tempfile::tempfile()?;
     std::io::copy(&mut reader, &mut tmp)?;
     Ok(tmp)

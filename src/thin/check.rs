@@ -1,1 +1,501 @@
-pub fn placeholder() {}
+//! thin_check: validate a pool's metadata and recompute both space maps.
+//!
+//! Checks, in order: the superblock (checksum, location, magic, version,
+//! feature flags, block sizes); the device details tree and the top level
+//! of the mapping tree, and that they name the same devices; every
+//! device's mapping tree (node validity, key order and ranges, equal leaf
+//! depth, loops, data blocks inside the pool, times not after the pool's
+//! time, mapped_blocks); the same for the metadata snapshot's trees; then
+//! both space maps, compared block by block with the counts the trees imply
+//! (leaks, under- and over-counts, damaged bitmaps and index).
+
+use std::collections::HashSet;
+
+use crate::pdata::btree::{Issue, TreeLeaves, Walker};
+use crate::pdata::counts::RefCounts;
+use crate::pdata::error::Error as PError;
+use crate::pdata::io::BlockDevice;
+use crate::pdata::space_map::{DiskSpaceMap, SmDiff, SmKind};
+use crate::thin::device::BlockTime;
+use crate::thin::metadata::{Devices, ThinDevice};
+use crate::thin::superblock::{read_superblock, Superblock, SUPERBLOCK_LOCATION};
+
+#[derive(Debug, Clone, Default)]
+pub struct CheckOptions {
+    pub sb_only: bool,
+    pub skip_mappings: bool,
+    pub ignore_non_fatal: bool,
+    /// Check the metadata snapshot's trees only (a live pool's `-m`).
+    pub metadata_snap: bool,
+    pub override_mapping_root: Option<u64>,
+    pub override_details_root: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    /// The kernel would misbehave or data is at risk.
+    Fatal,
+    /// Tolerated by the kernel (leaks, node fill, hints); fails the check
+    /// unless non-fatal errors are ignored.
+    NonFatal,
+}
+
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Where: "superblock", "mapping tree of device 3", "data space map", ...
+    pub area: String,
+    pub message: String,
+    /// An I/O error rather than damage.
+    pub io: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct CheckReport {
+    pub superblock: Option<Superblock>,
+    pub findings: Vec<Finding>,
+    /// Leaked blocks per space map (trivially repairable).
+    pub data_leaks: u64,
+    pub metadata_leaks: u64,
+}
+
+impl CheckReport {
+    pub fn passed(&self, ignore_non_fatal: bool) -> bool {
+        !self
+            .findings
+            .iter()
+            .any(|f| f.severity == Severity::Fatal || !ignore_non_fatal)
+    }
+
+    /// `METADATA_FREE_BLOCKS` as LVM and scripts read it.
+    pub fn metadata_free_blocks(&self) -> Option<u64> {
+        self.superblock.as_ref().map(|sb| {
+            let r = sb.metadata_sm();
+            r.nr_blocks.saturating_sub(r.nr_allocated)
+        })
+    }
+
+    fn fatal(&mut self, area: impl Into<String>, e: &PError) {
+        self.findings.push(Finding {
+            severity: Severity::Fatal,
+            area: area.into(),
+            message: e.to_string(),
+            io: e.is_io(),
+        });
+    }
+
+    fn add(&mut self, severity: Severity, area: impl Into<String>, message: impl Into<String>) {
+        self.findings.push(Finding {
+            severity,
+            area: area.into(),
+            message: message.into(),
+            io: false,
+        });
+    }
+
+    fn issue(&mut self, area: impl Into<String>, i: &Issue) {
+        let severity = if i.fatal {
+            Severity::Fatal
+        } else {
+            Severity::NonFatal
+        };
+        self.findings.push(Finding {
+            severity,
+            area: area.into(),
+            message: i.error.to_string(),
+            io: i.error.is_io(),
+        });
+    }
+
+    fn has_fatal(&self) -> bool {
+        self.findings.iter().any(|f| f.severity == Severity::Fatal)
+    }
+}
+
+/// At most this many blocks are named per kind of problem; the rest are counted.
+const MAX_LISTED: usize = 10;
+
+struct DeviceWalk {
+    dev: ThinDevice,
+    leaves: TreeLeaves,
+    /// "" for the live metadata, "metadata snapshot: " for the snapshot's.
+    prefix: &'static str,
+}
+
+/// Check the metadata on `dev`. `progress(done, total)` is called while
+/// mapping leaves are read.
+pub fn check(
+    dev: &BlockDevice,
+    opts: &CheckOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> CheckReport {
+    let mut report = CheckReport::default();
+    let mut sb = match read_superblock(dev, SUPERBLOCK_LOCATION) {
+        Ok(sb) => sb,
+        Err(e) => {
+            report.fatal("superblock", &e);
+            return report;
+        }
+    };
+    report.superblock = Some(sb.clone());
+    if let Some(r) = opts.override_mapping_root {
+        sb.mapping_root = r;
+    }
+    if let Some(r) = opts.override_details_root {
+        sb.details_root = r;
+    }
+    check_superblock_fields(dev, &sb, &mut report);
+
+    let snap = (sb.metadata_snap != 0).then(|| read_superblock(dev, sb.metadata_snap));
+    if opts.metadata_snap {
+        match &snap {
+            None => {
+                report.add(
+                    Severity::Fatal,
+                    "superblock",
+                    "no metadata snapshot is held (metadata_snap is 0)",
+                );
+                return report;
+            }
+            Some(Err(e)) => {
+                report.fatal(
+                    format!("metadata snapshot superblock (block {})", sb.metadata_snap),
+                    e,
+                );
+                return report;
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+    if opts.sb_only || report.has_fatal() {
+        return report;
+    }
+
+    let mut walker = Walker::new(dev)
+        .with_ref_counts()
+        .ignore_non_fatal(opts.ignore_non_fatal);
+    walker.inc_ref(SUPERBLOCK_LOCATION);
+    walker.mark_seen(SUPERBLOCK_LOCATION);
+    if sb.metadata_snap != 0 && sb.metadata_snap < dev.nr_blocks() {
+        walker.inc_ref(sb.metadata_snap);
+        walker.mark_seen(sb.metadata_snap);
+    }
+
+    // Device lists of the live metadata and of the metadata snapshot.
+    let mut devices: Vec<(ThinDevice, &'static str)> = Vec::new();
+    let mut lists = Vec::new();
+    if !opts.metadata_snap {
+        lists.push((&sb, ""));
+    }
+    let snap_sb = match &snap {
+        Some(Ok(s)) => Some(s.clone()),
+        Some(Err(e)) => {
+            if !opts.skip_mappings {
+                report.fatal(
+                    format!("metadata snapshot superblock (block {})", sb.metadata_snap),
+                    e,
+                );
+            }
+            None
+        }
+        None => None,
+    };
+    if !opts.skip_mappings {
+        if let Some(s) = &snap_sb {
+            lists.push((s, "metadata snapshot: "));
+        }
+    }
+    for (s, prefix) in lists {
+        let ds = Devices::read(&mut walker, s, false);
+        for (tree, i) in &ds.issues {
+            report.issue(format!("{prefix}{tree}"), i);
+        }
+        let (joined, errs) = ds.joined();
+        for e in errs {
+            report.add(Severity::Fatal, format!("{prefix}device details tree"), e);
+        }
+        devices.extend(joined.into_iter().map(|d| (d, prefix)));
+    }
+    if opts.skip_mappings || report.has_fatal() {
+        return report;
+    }
+
+    // Walk every mapping tree; shared subtrees are walked once.
+    let mut walks = Vec::with_capacity(devices.len());
+    for (d, prefix) in devices {
+        let before = walker.issues.len();
+        let leaves = walker.walk(d.root, 8);
+        for i in walker.issues.drain(before..).collect::<Vec<_>>() {
+            report.issue(format!("{prefix}mapping tree of device {}", d.id), &i);
+        }
+        walks.push(DeviceWalk {
+            dev: d,
+            leaves,
+            prefix,
+        });
+    }
+
+    // Read each distinct leaf once, in block order: count data references.
+    let nr_data_blocks = sb.data_sm().nr_blocks;
+    let mut data_counts = RefCounts::new(nr_data_blocks);
+    let mut fresh = walker.take_fresh_leaves();
+    fresh.sort_unstable();
+    let root_leaves: HashSet<u64> = walks
+        .iter()
+        .filter(|w| w.leaves.len() == 1 && walker.leaves(&w.leaves)[0] == w.dev.root)
+        .map(|w| w.dev.root)
+        .collect();
+    let mut nr_entries = vec![u8::MAX; dev.nr_blocks() as usize]; // u8::MAX = unread or damaged
+    let mut beyond = Vec::new();
+    let (mut nr_beyond, mut nr_future) = (0u64, 0u64);
+    let mut future = Vec::new();
+    let total = fresh.len() as u64;
+    let mut done = 0u64;
+    let mut leaf_errors: Vec<(u64, PError)> = Vec::new();
+    let mut fill_issues = Vec::new();
+    dev.read_in_order(&fresh, 1024, |_, b, data| {
+        match data.and_then(|d| walker.check_leaf(b, d, 8)) {
+            Ok(node) => {
+                nr_entries[b as usize] = node.nr_entries() as u8;
+                if let Some(i) = walker.leaf_fill_issue(&node, root_leaves.contains(&b)) {
+                    fill_issues.push((b, i));
+                }
+                for i in 0..node.nr_entries() {
+                    let bt = BlockTime::unpack(node.value::<u64>(i));
+                    if bt.block >= nr_data_blocks {
+                        nr_beyond += 1;
+                        if beyond.len() < MAX_LISTED {
+                            beyond.push((b, node.key(i), bt.block));
+                        }
+                        continue;
+                    }
+                    if bt.time > sb.time {
+                        nr_future += 1;
+                        if future.len() < MAX_LISTED {
+                            future.push((b, node.key(i), bt.time));
+                        }
+                    }
+                    data_counts.inc(bt.block);
+                }
+            }
+            Err(e) => leaf_errors.push((b, e)),
+        }
+        done += 1;
+        if done % 4096 == 0 {
+            progress(done, total);
+        }
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .ok();
+    progress(total, total);
+
+    // Name the device a damaged leaf belongs to.
+    let owner = |leaf: u64| -> String {
+        walks
+            .iter()
+            .find(|w| walker.leaves(&w.leaves).contains(&leaf))
+            .map(|w| format!("{}mapping tree of device {}", w.prefix, w.dev.id))
+            .unwrap_or_else(|| "mapping tree".into())
+    };
+    for (b, e) in &leaf_errors {
+        report.fatal(owner(*b), e);
+    }
+    // A tree that lost leaves cannot be counted; the space maps would only repeat the damage.
+    for (b, i) in &fill_issues {
+        report.issue(owner(*b), i);
+    }
+    for (leaf, key, block) in &beyond {
+        report.add(
+            Severity::Fatal,
+            owner(*leaf),
+            format!("block {leaf}: virtual block {key} maps to data block {block}, beyond the {nr_data_blocks}-block data device"),
+        );
+    }
+    if nr_beyond > beyond.len() as u64 {
+        report.add(
+            Severity::Fatal,
+            "mapping tree",
+            format!(
+                "{} more mappings point beyond the data device",
+                nr_beyond - beyond.len() as u64
+            ),
+        );
+    }
+    for (leaf, key, time) in &future {
+        report.add(
+            Severity::NonFatal,
+            owner(*leaf),
+            format!("block {leaf}: virtual block {key} was written at time {time}, after the pool's time {}", sb.time),
+        );
+    }
+    if nr_future > future.len() as u64 {
+        report.add(
+            Severity::NonFatal,
+            "mapping tree",
+            format!(
+                "{} more mappings carry a time after the pool's",
+                nr_future - future.len() as u64
+            ),
+        );
+    }
+
+    // Mapped block counts per device, and device times.
+    for w in &walks {
+        let seq = walker.leaves(&w.leaves);
+        if seq.iter().any(|&l| nr_entries[l as usize] == u8::MAX) {
+            continue; // damage already reported
+        }
+        let held: u64 = seq.iter().map(|&l| nr_entries[l as usize] as u64).sum();
+        let d = &w.dev;
+        let area = format!("{}device details of device {}", w.prefix, d.id);
+        if held != d.details.mapped_blocks {
+            report.add(
+                Severity::Fatal,
+                area.clone(),
+                format!(
+                    "mapped_blocks is {}, but its mapping tree holds {held} mappings",
+                    d.details.mapped_blocks
+                ),
+            );
+        }
+        if d.details.creation_time > sb.time || d.details.snapshotted_time > sb.time {
+            report.add(
+                Severity::NonFatal,
+                area,
+                format!(
+                    "creation time {} / snapshot time {} after the pool's time {}",
+                    d.details.creation_time, d.details.snapshotted_time, sb.time
+                ),
+            );
+        }
+    }
+
+    if opts.metadata_snap || report.has_fatal() {
+        return report;
+    }
+
+    // Space maps: load (counting their own blocks), then compare.
+    let (data_sm, errs) = DiskSpaceMap::load_data(&mut walker, sb.data_sm());
+    for e in &errs {
+        report.fatal("data space map", e);
+    }
+    let (meta_sm, errs) = DiskSpaceMap::load_metadata(&mut walker, sb.metadata_sm());
+    for e in &errs {
+        report.fatal("metadata space map", e);
+    }
+    if report.has_fatal() {
+        return report;
+    }
+    let diff = data_sm.compare(dev, &data_counts);
+    report.data_leaks = diff.nr_leaked;
+    report_diff(&mut report, SmKind::Data, &diff);
+    let meta_counts = walker.take_ref_counts().expect("walker counts references");
+    if meta_sm.root.nr_blocks > dev.nr_blocks() {
+        report.add(
+            Severity::Fatal,
+            "metadata space map",
+            format!(
+                "describes {} blocks but the device has {}",
+                meta_sm.root.nr_blocks,
+                dev.nr_blocks()
+            ),
+        );
+    }
+    let diff = meta_sm.compare(dev, &meta_counts);
+    report.metadata_leaks = diff.nr_leaked;
+    report_diff(&mut report, SmKind::Metadata, &diff);
+    report
+}
+
+fn check_superblock_fields(dev: &BlockDevice, sb: &Superblock, report: &mut CheckReport) {
+    let m = sb.metadata_sm();
+    if m.nr_allocated > m.nr_blocks {
+        report.add(
+            Severity::Fatal,
+            "superblock",
+            format!(
+                "metadata space map has {} of {} blocks allocated",
+                m.nr_allocated, m.nr_blocks
+            ),
+        );
+    }
+    let d = sb.data_sm();
+    if d.nr_allocated > d.nr_blocks {
+        report.add(
+            Severity::Fatal,
+            "superblock",
+            format!(
+                "data space map has {} of {} blocks allocated",
+                d.nr_allocated, d.nr_blocks
+            ),
+        );
+    }
+    for (name, b) in [
+        ("mapping root", sb.mapping_root),
+        ("details root", sb.details_root),
+        ("metadata snapshot", sb.metadata_snap),
+    ] {
+        if b >= dev.nr_blocks() {
+            report.add(
+                Severity::Fatal,
+                "superblock",
+                format!(
+                    "{name} {b} is beyond the end of the device ({} blocks)",
+                    dev.nr_blocks()
+                ),
+            );
+        }
+    }
+}
+
+fn report_diff(report: &mut CheckReport, kind: SmKind, diff: &SmDiff) {
+    let area = format!("{kind} space map");
+    for e in &diff.errors {
+        report.fatal(area.clone(), e);
+    }
+    if diff.nr_leaked > 0 {
+        let list: Vec<String> = diff
+            .leaked
+            .iter()
+            .map(|(b, c)| format!("{b} (count {c})"))
+            .collect();
+        let more = if diff.nr_leaked > list.len() as u64 {
+            ", ..."
+        } else {
+            ""
+        };
+        report.add(
+            Severity::NonFatal,
+            area.clone(),
+            format!(
+                "{} {kind} blocks have leaked (counted but referenced by nothing): {}{more}",
+                diff.nr_leaked,
+                list.join(", ")
+            ),
+        );
+    }
+    if diff.nr_mismatched > 0 {
+        let list: Vec<String> = diff
+            .mismatched
+            .iter()
+            .map(|(b, disk, want)| format!("{b} (counted {disk}, referenced {want})"))
+            .collect();
+        let more = if diff.nr_mismatched > list.len() as u64 {
+            ", ..."
+        } else {
+            ""
+        };
+        report.add(
+            Severity::Fatal,
+            area.clone(),
+            format!(
+                "{} {kind} blocks have wrong reference counts: {}{more}",
+                diff.nr_mismatched,
+                list.join(", ")
+            ),
+        );
+    }
+    for w in &diff.warnings {
+        report.add(Severity::NonFatal, area.clone(), w.clone());
+    }
+}
