@@ -148,6 +148,10 @@ pub fn check(
 
     let snap = (sb.metadata_snap != 0).then(|| read_superblock(dev, sb.metadata_snap));
     if opts.metadata_snap {
+        // As the peer: without a usable snapshot, -m prints no summary keys.
+        if !matches!(snap, Some(Ok(_))) {
+            report.superblock = None;
+        }
         match &snap {
             None => {
                 report.add(

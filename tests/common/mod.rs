@@ -1,0 +1,60 @@
+//! Helpers for the integration tests: run the real binary, find shared test data.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_thinmeta")
+}
+
+/// Run `thinmeta TOOL args...`.
+pub fn run(tool: &str, args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg(tool)
+        .args(args)
+        .output()
+        .expect("run thinmeta")
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `../shared/testdata` when it exists (it does in CI).
+pub fn shared_testdata() -> Option<PathBuf> {
+    let p = repo().join("../shared/testdata");
+    p.is_dir().then_some(p)
+}
+
+pub fn gunzip(path: &Path) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(std::fs::File::open(path).unwrap())
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+/// Unpack `gz` into `dir` as `name`, returning the path.
+pub fn unpack(gz: &Path, dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, gunzip(gz)).unwrap();
+    p
+}
+
+pub fn fixture_dir() -> PathBuf {
+    repo().join("tests/data/kernel-small")
+}
+
+/// A one-line message on stderr: no panic text, no multi-line dumps.
+pub fn assert_one_line_error(out: &Output, what: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{what}: panic: {err}");
+    assert!(!err.trim().is_empty(), "{what}: no error message");
+    let code = out.status.code().expect("exited normally");
+    assert!(
+        code != 0 && code != 2 && code != 70,
+        "{what}: exit {code}: {err}"
+    );
+}
