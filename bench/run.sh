@@ -157,6 +157,7 @@ echo "nproc       : $(nproc)"
 echo "memory      : ${mem_total:-unknown}"
 echo "binary      : $bin"
 echo "commit      : $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')$( [[ -n $(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null) ]] && echo ' (working tree modified)')"
+echo "loadavg     : $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null) at start (other load on the machine inflates wall, not CPU)"
 echo "repetitions : $reps timed runs per command, after 1 warm-up run"
 echo "timing      : wall = \$EPOCHREALTIME around /usr/bin/time; CPU = user+sys (rusage);"
 echo "              peak = max RSS (/usr/bin/time %M). ratio = median wall / median baseline wall."
@@ -188,7 +189,8 @@ for src in "${images[@]}"; do
     rm -f "$scratch"/*.dat
 
     echo "image: $src"
-    echo "       $(awk -v b="$img_bytes" 'BEGIN { printf "%d bytes (%.1f MiB)", b, b / 1048576 }') unpacked at $img"
+    where="unpacked to $img"; [[ $img == "$src" ]] && where="used in place"
+    echo "       $(awk -v b="$img_bytes" 'BEGIN { printf "%d bytes (%.1f MiB)", b, b / 1048576 }') $where"
 
     # baseline
     cat "$img" > /dev/null   # warm-up: pull the image into the page cache
@@ -258,28 +260,35 @@ for src in "${images[@]}"; do
         echo "peer (thin-provisioning-tools, from $(basename "$peer_md"), $size, measured elsewhere):"
         pb=$(peer "$size" raw_read_buffered)
         read -r pb_w _ _ <<< "${pb:-nan nan nan}"
-        printf '  %-27s %9s %8s %8s %9s %10s %10s\n' "test" "wall med" "CPU med" "peak" "ratio" "thinmeta" "speedup"
-        printf '  %-27s %9s %8s %8s %9s %10s %10s\n' "" "s" "s" "MiB" "x its base" "wall s" "peer/ours"
-        printf '  %-27s %9s %8s %8s %9s %10s %10s\n' "raw_read_buffered" "$pb_w" "$(cut -d' ' -f2 <<< "$pb")" "$(cut -d' ' -f3 <<< "$pb")" "1.00" \
-            "$(printf '%.4f' "$b_med")" "-"
+        printf '  %-27s %9s %8s %8s %10s  %9s %9s  %9s %9s\n' "test" "wall med" "CPU med" "peak" "ratio" "ours" "ours" "speedup" "speedup"
+        printf '  %-27s %9s %8s %8s %10s  %9s %9s  %9s %9s\n' "" "s" "s" "MiB" "x its base" "wall s" "CPU s" "wall" "CPU"
+        printf '  %-27s %9s %8s %8s %10s  %9.4f %9.3f  %9s %9s\n' "raw_read_buffered" "$pb_w" "$(cut -d' ' -f2 <<< "$pb")" "$(cut -d' ' -f3 <<< "$pb")" "1.00" \
+            "$b_med" "$b_cpu" "-" "-"
         for pair in "thin_check:0" "thin_check_skip_mappings:1" "thin_dump:2"; do
             ptest=${pair%%:*}; ti=${pair##*:}
             row=$(peer "$size" "$ptest")
             [[ -z $row ]] && continue
             read -r p_w p_c p_m <<< "$row"
             read -r w_med _ _ < <(stats "$scratch/t$ti.dat" 1)
-            awk -v n="$ptest" -v w="$p_w" -v c="$p_c" -v m="$p_m" -v pb="$pb_w" -v o="$w_med" 'BEGIN {
-                r = (pb + 0 > 0) ? sprintf("%.2f", w / pb) : "-"
-                sp = (o > 0) ? sprintf("%.1fx", w / o) : "-"
-                printf "  %-27s %9s %8s %8s %9s %10.4f %10s\n", n, w, c, m, r, o, sp }'
+            read -r c_med _ _ < <(stats "$scratch/t$ti.dat" 2)
+            awk -v n="$ptest" -v w="$p_w" -v c="$p_c" -v m="$p_m" -v pb="$pb_w" -v o="$w_med" -v oc="$c_med" 'BEGIN {
+                r  = (pb + 0 > 0) ? sprintf("%.2f", w / pb) : "-"
+                sw = (o > 0)  ? sprintf("%.1fx", w / o)  : "-"
+                sc = (oc > 0) ? sprintf("%.1fx", c / oc) : "-"
+                printf "  %-27s %9s %8s %8s %10s  %9.4f %9.3f  %9s %9s\n", n, w, c, m, r, o, oc, sw, sc }'
         done
         echo "  (no peer figure for thin_dump -f json.)"
+        echo "  note: the peer's thin_check wall is ~0.5 s above its CPU time on every size (small: 0.504 s"
+        echo "  wall, 0.005 s CPU), a fixed non-CPU delay; the CPU columns compare the work itself."
+        echo "  The peer's figures come from another machine: compare its ratios to its own baseline."
     elif [[ $size == medium ]]; then
         echo "peer (from brief; $peer_md not found): medium thin_check 0.506 s wall / 0.051 s CPU, thin_dump 0.484 s wall"
     else
         echo "peer: no figures for this image"
     fi
 
+    echo
+    echo "loadavg after this image: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
     echo
     echo "cross-check, raw /usr/bin/time medians (10 ms resolution):"
     printf '  %s\n' "${cross[@]}"
