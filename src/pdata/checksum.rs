@@ -69,6 +69,26 @@ pub fn identify(block: &[u8]) -> Option<BlockKind> {
     BlockKind::ALL.into_iter().find(|k| k.salt() == raw)
 }
 
+/// Validate a metadata block of `kind` read from `loc`: its checksum, then
+/// its self-reference (`blocknr` at offset 8), as the kernel's validators do.
+pub fn validate(loc: u64, block: &[u8], kind: BlockKind) -> crate::pdata::Result<()> {
+    use crate::pdata::error::{Error, Problem};
+    if !verify(block, kind) {
+        return Err(Error::corrupt(
+            loc,
+            Problem::BadChecksum {
+                expected: kind,
+                found: identify(block),
+            },
+        ));
+    }
+    let nr = u64::from_le_bytes(block[8..16].try_into().unwrap());
+    if nr != loc {
+        return Err(Error::corrupt(loc, Problem::WrongLocation { found: nr }));
+    }
+    Ok(())
+}
+
 /// Write the right checksum for `kind` into the first 4 bytes.
 pub fn seal(block: &mut [u8], kind: BlockKind) {
     let c = compute(block, kind);

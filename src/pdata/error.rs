@@ -68,6 +68,27 @@ pub enum Error {
     Other(String),
 }
 
+impl Clone for Error {
+    /// `std::io::Error` is not `Clone`; a copy keeps its kind and message.
+    fn clone(&self) -> Self {
+        match self {
+            Error::Io { block, source } => Error::Io {
+                block: *block,
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::OutOfBounds { block, nr_blocks } => Error::OutOfBounds {
+                block: *block,
+                nr_blocks: *nr_blocks,
+            },
+            Error::Corrupt { block, problem } => Error::Corrupt {
+                block: *block,
+                problem: problem.clone(),
+            },
+            Error::Other(s) => Error::Other(s.clone()),
+        }
+    }
+}
+
 impl Error {
     pub fn corrupt(block: u64, problem: Problem) -> Self {
         Error::Corrupt { block, problem }

@@ -229,30 +229,12 @@ impl BlockDevice {
                 let slot = sorted.binary_search(&b).unwrap();
                 let res = match &failed[slot] {
                     None => Ok(&buf[slot * BLOCK_SIZE..(slot + 1) * BLOCK_SIZE]),
-                    Some(e) => Err(clone_err(e)),
+                    Some(e) => Err(e.clone()),
                 };
                 f(chunk_no * batch + off, b, res)?;
             }
         }
         Ok(())
-    }
-}
-
-fn clone_err(e: &Error) -> Error {
-    match e {
-        Error::Io { block, source } => Error::Io {
-            block: *block,
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        Error::OutOfBounds { block, nr_blocks } => Error::OutOfBounds {
-            block: *block,
-            nr_blocks: *nr_blocks,
-        },
-        Error::Corrupt { block, problem } => Error::Corrupt {
-            block: *block,
-            problem: problem.clone(),
-        },
-        Error::Other(s) => Error::Other(s.clone()),
     }
 }
 

@@ -108,7 +108,7 @@ pub fn dump(
     let mut walker = Walker::new(dev).ignore_non_fatal(true);
     let devices = Devices::read(&mut walker, &sb, opts.skip_mappings);
     if let Some((tree, e)) = devices.first_fatal() {
-        return Err(Error::metadata(tree, clone_error(e)));
+        return Err(Error::metadata(tree, e.clone()));
     }
     let selected = |id: &u64| opts.dev_ids.is_empty() || opts.dev_ids.contains(id);
 
@@ -152,7 +152,7 @@ pub fn dump(
         if let Some(issue) = walker.issues[before..].iter().find(|i| i.fatal) {
             return Err(Error::metadata(
                 format!("mapping tree of device {}", d.id),
-                clone_error(&issue.error),
+                issue.error.clone(),
             ));
         }
     }
@@ -268,25 +268,6 @@ fn device_info(d: &ThinDevice) -> DeviceInfo {
         transaction: d.details.transaction_id,
         creation_time: d.details.creation_time as u64,
         snap_time: d.details.snapshotted_time as u64,
-    }
-}
-
-pub(crate) fn clone_error(e: &crate::pdata::Error) -> crate::pdata::Error {
-    use crate::pdata::Error as E;
-    match e {
-        E::Io { block, source } => E::Io {
-            block: *block,
-            source: io::Error::new(source.kind(), source.to_string()),
-        },
-        E::OutOfBounds { block, nr_blocks } => E::OutOfBounds {
-            block: *block,
-            nr_blocks: *nr_blocks,
-        },
-        E::Corrupt { block, problem } => E::Corrupt {
-            block: *block,
-            problem: problem.clone(),
-        },
-        E::Other(s) => E::Other(s.clone()),
     }
 }
 

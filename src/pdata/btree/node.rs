@@ -64,22 +64,7 @@ impl<'a> Node<'a> {
                 format!("node is {} bytes, not {BLOCK_SIZE}", data.len()),
             ));
         }
-        if !checksum::verify(data, BlockKind::BTreeNode) {
-            return Err(Error::corrupt(
-                loc,
-                Problem::BadChecksum {
-                    expected: BlockKind::BTreeNode,
-                    found: checksum::identify(data),
-                },
-            ));
-        }
-        let blocknr = le64(data, 8);
-        if blocknr != loc {
-            return Err(Error::corrupt(
-                loc,
-                Problem::WrongLocation { found: blocknr },
-            ));
-        }
+        checksum::validate(loc, data, BlockKind::BTreeNode)?;
         let flags = le32(data, 4);
         let leaf = match flags {
             INTERNAL_NODE => false,

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use crate::pdata::btree::{Value, Walker};
 use crate::pdata::checksum::{self, BlockKind};
 use crate::pdata::counts::RefCounts;
-use crate::pdata::error::{Error, Problem, Result};
+use crate::pdata::error::{Error, Result};
 use crate::pdata::io::BlockDevice;
 use crate::pdata::{le32, le64, BLOCK_SIZE};
 
@@ -78,19 +78,7 @@ pub struct Bitmap<'a> {
 
 impl<'a> Bitmap<'a> {
     pub fn parse(loc: u64, data: &'a [u8]) -> Result<Bitmap<'a>> {
-        if !checksum::verify(data, BlockKind::Bitmap) {
-            return Err(Error::corrupt(
-                loc,
-                Problem::BadChecksum {
-                    expected: BlockKind::Bitmap,
-                    found: checksum::identify(data),
-                },
-            ));
-        }
-        let nr = le64(data, 8);
-        if nr != loc {
-            return Err(Error::corrupt(loc, Problem::WrongLocation { found: nr }));
-        }
+        checksum::validate(loc, data, BlockKind::Bitmap)?;
         Ok(Bitmap {
             words: &data[BITMAP_HEADER..BLOCK_SIZE],
         })
@@ -367,19 +355,7 @@ impl DiskSpaceMap {
 
 /// Validate the metadata space map's index block and return its first `want` entries.
 pub fn parse_metadata_index(loc: u64, data: &[u8], want: usize) -> Result<Vec<IndexEntry>> {
-    if !checksum::verify(data, BlockKind::MetadataIndex) {
-        return Err(Error::corrupt(
-            loc,
-            Problem::BadChecksum {
-                expected: BlockKind::MetadataIndex,
-                found: checksum::identify(data),
-            },
-        ));
-    }
-    let nr = le64(data, 8);
-    if nr != loc {
-        return Err(Error::corrupt(loc, Problem::WrongLocation { found: nr }));
-    }
+    checksum::validate(loc, data, BlockKind::MetadataIndex)?;
     let mut out = Vec::with_capacity(want);
     for i in 0..want.min(MAX_METADATA_BITMAPS) {
         let e = IndexEntry::decode(&data[INDEX_HEADER + 16 * i..INDEX_HEADER + 16 * (i + 1)]);
