@@ -86,6 +86,17 @@ fn usage_errors_exit_64_never_2() {
             );
         }
     }
+    let dir = tempfile::tempdir().unwrap();
+    let meta = fixture_copy(dir.path());
+    let before = std::fs::read(&meta).unwrap();
+    let m = meta.to_str().unwrap();
+    let out = run("thin_dump", &[m, "-o", m]);
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "dumping over the input is refused"
+    );
+    assert_eq!(std::fs::read(&meta).unwrap(), before, "input untouched");
     let out = run("thin_dump", &["--format", "yaml", "x"]);
     assert_eq!(out.status.code(), Some(64));
     let out = run(

@@ -171,6 +171,17 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let dev = open_device(input, mode)?;
 
     let output = m.get_one::<PathBuf>("output");
+    if let Some(o) = output {
+        if same_file(input, o) {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                format!(
+                    "{}: the output is the input metadata itself; refusing to overwrite it",
+                    o.display()
+                ),
+            ));
+        }
+    }
     let to_terminal = output.is_none() && std::io::stdout().is_terminal();
     let sink: Box<dyn Write> = match output {
         Some(p) => Box::new(File::create(p).map_err(|e| {
@@ -193,4 +204,13 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     });
     progress.finish();
     r.map_err(|e| thin_failure(input, &e))
+}
+
+/// True when `a` and `b` name the same file or device (same device and inode).
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
