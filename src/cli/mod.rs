@@ -137,15 +137,21 @@ fn install_links(dir: Option<OsString>) -> i32 {
 /// Parse with clap, mapping its outcomes to our exit codes: help and
 /// version print and exit 0, any usage error exits 64 (clap would use 2).
 pub fn parse_args(cmd: clap::Command, args: Vec<OsString>) -> Result<clap::ArgMatches, i32> {
-    // `-V` prints the bare version, even when required arguments are missing.
-    if args.iter().skip(1).any(|a| a == "-V" || a == "--version") {
-        println!("{VERSION}");
-        return Err(EXIT_OK);
-    }
+    // `-V` prints the bare version (clap would print "NAME VERSION"), also
+    // when the required arguments are missing (`thin_check -V`).
+    let has_v = args.iter().skip(1).any(|a| a == "-V" || a == "--version");
     match cmd.try_get_matches_from(args) {
+        Ok(m) if m.get_flag("version") => {
+            println!("{VERSION}");
+            Err(EXIT_OK)
+        }
         Ok(m) => Ok(m),
         Err(e) => {
             use clap::error::ErrorKind;
+            if has_v && e.kind() == ErrorKind::MissingRequiredArgument {
+                println!("{VERSION}");
+                return Err(EXIT_OK);
+            }
             let _ = e.print();
             match e.kind() {
                 ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => Err(EXIT_OK),
@@ -173,6 +179,7 @@ pub fn open_device(path: &Path, mode: OpenMode) -> Result<BlockDevice, Failure> 
             | OpenError::TooSmall(_)
             | OpenError::PermissionDenied => EXIT_NO_INPUT,
             OpenError::Busy => EXIT_BUSY,
+            OpenError::Compressed | OpenError::NotSeekable => EXIT_USAGE,
             OpenError::Io(_) => EXIT_IO,
         };
         Failure::new(code, format!("{}: {e}", path.display()))
@@ -184,9 +191,9 @@ pub fn thin_failure(path: &Path, e: &crate::thin::Error) -> Failure {
     use crate::thin::Error as E;
     let code = match e {
         E::Metadata { source, .. } if source.is_io() => EXIT_IO,
-        E::Metadata { .. } | E::Inconsistent(_) | E::NoMetadataSnap => EXIT_DAMAGED,
+        E::Metadata { .. } | E::Inconsistent(_) => EXIT_DAMAGED,
+        E::NoMetadataSnap => EXIT_NO_INPUT,
         E::Output(_) => EXIT_IO,
-        E::Unsupported(_) => EXIT_USAGE,
     };
     Failure::new(code, format!("{}: {e}", path.display()))
 }

@@ -111,11 +111,14 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
     let clear_needs_check = m.get_flag("clear-needs-check-flag");
     let auto_repair = m.get_flag("auto-repair");
     let writes = clear_needs_check || auto_repair;
-    if writes
-        && (opts.metadata_snap
-            || opts.override_mapping_root.is_some()
-            || opts.override_details_root.is_some())
-    {
+    let overrides = opts.override_mapping_root.is_some() || opts.override_details_root.is_some();
+    if opts.metadata_snap && overrides {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            "the override options apply to the live metadata; they cannot be combined with -m",
+        ));
+    }
+    if writes && (opts.metadata_snap || overrides) {
         return Err(Failure::new(
             EXIT_USAGE,
             "--clear-needs-check-flag and --auto-repair change the live superblock; they cannot be combined with -m or the override options",
@@ -152,7 +155,8 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
                 .filter(|f| f.severity == Severity::Fatal)
                 .count();
             let nonfatal = rep.findings.len() - fatal;
-            let hint = if fatal == 0 && rep.data_leaks + rep.metadata_leaks > 0 {
+            let leak_findings = (rep.data_leaks > 0) as usize + (rep.metadata_leaks > 0) as usize;
+            let hint = if fatal == 0 && leak_findings > 0 && nonfatal == leak_findings {
                 " (only leaked blocks: the pool is usable; --ignore-non-fatal-errors accepts them)"
             } else {
                 ""
@@ -163,6 +167,7 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
             );
         }
         if auto_repair
+            && !quiet
             && rep
                 .findings
                 .iter()

@@ -38,6 +38,10 @@ pub enum OpenError {
     PermissionDenied,
     #[error("too small to hold thin metadata ({0} bytes; at least one 4096-byte block is needed)")]
     TooSmall(u64),
+    #[error("is gzip-compressed; unpack it before writing to it")]
+    Compressed,
+    #[error("is a pipe or other stream; writing needs a file or block device")]
+    NotSeekable,
     #[error("{0}")]
     Io(std::io::Error),
 }
@@ -94,8 +98,16 @@ impl BlockDevice {
                 file = tmp;
                 file.seek(SeekFrom::End(0))?
             }
+            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => return Err(OpenError::NotSeekable),
             Err(e) => return Err(e.into()),
         };
+        if writable && !is_blockdev && size >= 2 {
+            let mut magic = [0u8; 2];
+            file.read_exact_at(&mut magic, 0)?;
+            if magic == GZIP_MAGIC {
+                return Err(OpenError::Compressed);
+            }
+        }
 
         if !writable && !is_blockdev && size >= 2 {
             let mut magic = [0u8; 2];

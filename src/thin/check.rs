@@ -175,9 +175,7 @@ pub fn check(
         return report;
     }
 
-    let mut walker = Walker::new(dev)
-        .with_ref_counts()
-        .ignore_non_fatal(opts.ignore_non_fatal);
+    let mut walker = Walker::new(dev).with_ref_counts();
     walker.inc_ref(SUPERBLOCK_LOCATION);
     walker.mark_seen(SUPERBLOCK_LOCATION);
     if sb.metadata_snap != 0 && sb.metadata_snap < dev.nr_blocks() {

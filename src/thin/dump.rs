@@ -23,6 +23,7 @@ pub struct SuperblockInfo {
     pub version: u32,
     pub data_block_size: u32,
     pub nr_data_blocks: u64,
+    /// Block of the held metadata snapshot, if any (only JSON prints it).
     pub metadata_snap: Option<u64>,
 }
 
@@ -105,7 +106,7 @@ pub fn dump(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), Error> {
     let sb = select_superblock(dev, opts.metadata_snap)?;
-    let mut walker = Walker::new(dev).ignore_non_fatal(true);
+    let mut walker = Walker::new(dev);
     let devices = Devices::read(&mut walker, &sb, opts.skip_mappings);
     if let Some((tree, e)) = devices.first_fatal() {
         return Err(Error::metadata(tree, e.clone()));
@@ -120,7 +121,7 @@ pub fn dump(
         version: 2,
         data_block_size: sb.data_block_size,
         nr_data_blocks: sb.data_sm().nr_blocks,
-        metadata_snap: None,
+        metadata_snap: (sb.metadata_snap != 0).then_some(sb.metadata_snap),
     };
 
     if opts.skip_mappings {
@@ -396,10 +397,8 @@ impl<W: Write> MetadataVisitor for XmlWriter<W> {
         }
         self.attr_u64("version", sb.version as u64)?;
         self.attr_u64("data_block_size", sb.data_block_size as u64)?;
+        // The peer never prints metadata_snap; neither do we (byte identity).
         self.attr_u64("nr_data_blocks", sb.nr_data_blocks)?;
-        if let Some(s) = sb.metadata_snap {
-            self.attr_u64("metadata_snap", s)?;
-        }
         self.w.write_all(b">")?;
         self.depth += 1;
         Ok(())
@@ -483,10 +482,8 @@ impl<W: Write> MetadataVisitor for HumanWriter<W> {
             sb.data_block_size,
             sb.nr_data_blocks
         )?;
-        match sb.metadata_snap {
-            Some(b) => writeln!(self.w, ", {b}"),
-            None => writeln!(self.w),
-        }
+        // As the peer, the held metadata snapshot is not printed.
+        writeln!(self.w)
     }
     fn superblock_end(&mut self) -> io::Result<()> {
         self.w.write_all(b"end superblock\n")

@@ -27,8 +27,6 @@ pub enum Error {
     Inconsistent(String),
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 impl Error {

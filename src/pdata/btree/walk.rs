@@ -78,7 +78,6 @@ pub struct Walker<'d> {
     /// Leaves reached for the first time, in discovery order, since the last take.
     fresh: Vec<u64>,
     refs: Option<RefCounts>,
-    ignore_non_fatal: bool,
     pub issues: Vec<Issue>,
     buf: Vec<u8>,
 }
@@ -95,7 +94,6 @@ impl<'d> Walker<'d> {
             leaf_bounds: HashMap::new(),
             fresh: Vec::new(),
             refs: None,
-            ignore_non_fatal: false,
             issues: Vec::new(),
             buf: vec![0u8; BLOCK_SIZE],
         }
@@ -104,12 +102,6 @@ impl<'d> Walker<'d> {
     /// Also count metadata references (for checking the metadata space map).
     pub fn with_ref_counts(mut self) -> Self {
         self.refs = Some(RefCounts::new(self.dev.nr_blocks()));
-        self
-    }
-
-    /// Do not report node-fill problems (`--ignore-non-fatal-errors`).
-    pub fn ignore_non_fatal(mut self, yes: bool) -> Self {
-        self.ignore_non_fatal = yes;
         self
     }
 
@@ -181,11 +173,8 @@ impl<'d> Walker<'d> {
         Ok(node)
     }
 
-    /// Node-fill problem of a leaf, unless non-fatal problems are ignored.
+    /// Node-fill problem of a leaf (non-fatal).
     pub fn leaf_fill_issue(&self, node: &Node, is_root: bool) -> Option<Issue> {
-        if self.ignore_non_fatal {
-            return None;
-        }
         node.fill_problem(is_root).map(|p| Issue {
             error: Error::invalid(node.block(), p),
             fatal: false,
@@ -398,11 +387,7 @@ impl<'d> Walker<'d> {
             );
             return;
         }
-        let fill = if self.ignore_non_fatal {
-            None
-        } else {
-            node.fill_problem(depth == 0)
-        };
+        let fill = node.fill_problem(depth == 0);
         let first_key = node.key(0);
         let last_key = node.last_key().unwrap_or(first_key);
         let nr = node.nr_entries();

@@ -303,12 +303,19 @@ impl DiskSpaceMap {
             for j in 0..n {
                 let b = base + j as u64;
                 let small = bitmap.get(j);
-                let disk = if small == 3 { self.overflow.get(&b).copied().unwrap_or(0) } else { small };
+                let disk = if small == 3 {
+                    self.overflow.get(&b).copied().unwrap_or(0)
+                } else {
+                    small
+                };
                 if small == 3 && disk < 3 {
                     diff.errors.push(Error::Other(format!(
-                        "{} space map: block {b} is marked as counted in the ref-count tree, which holds {}",
-                        self.kind,
-                        if disk == 0 { "no entry for it".to_string() } else { format!("count {disk}") }
+                        "block {b} is marked as counted in the ref-count tree, which holds {}",
+                        if disk == 0 {
+                            "no entry for it".to_string()
+                        } else {
+                            format!("count {disk}")
+                        }
                     )));
                 }
                 if disk == 0 {
@@ -336,8 +343,8 @@ impl DiskSpaceMap {
             let tail = (ENTRIES_PER_BITMAP as usize - n) as u32;
             if e.nr_free != free && e.nr_free != free + tail {
                 diff.warnings.push(format!(
-                    "{} space map: index entry {i} says bitmap {loc} has {} free entries; it has {free}",
-                    self.kind, e.nr_free
+                    "index entry {i} says bitmap {loc} has {} free entries; it has {free}",
+                    e.nr_free
                 ));
             }
             Ok(())
@@ -345,8 +352,8 @@ impl DiskSpaceMap {
         .ok();
         if diff.errors.is_empty() && nr_allocated != self.root.nr_allocated {
             diff.warnings.push(format!(
-                "{} space map root says {} blocks are allocated; its bitmaps count {nr_allocated}",
-                self.kind, self.root.nr_allocated
+                "the root says {} blocks are allocated; its bitmaps count {nr_allocated}",
+                self.root.nr_allocated
             ));
         }
         diff
