@@ -161,6 +161,15 @@ pub fn parse_args(cmd: clap::Command, args: Vec<OsString>) -> Result<clap::ArgMa
     }
 }
 
+/// The `-q/--quiet` argument every tool takes.
+pub fn quiet_arg() -> clap::Arg {
+    clap::Arg::new("quiet")
+        .short('q')
+        .long("quiet")
+        .action(clap::ArgAction::SetTrue)
+        .help("Suppress output messages, return only exit code.")
+}
+
 /// The `-V/--version` argument every tool takes (handled in [`parse_args`]).
 pub fn version_arg() -> clap::Arg {
     clap::Arg::new("version")

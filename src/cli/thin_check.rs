@@ -58,13 +58,7 @@ fn command(name: &'static str) -> Command {
                 .value_name("BLOCKNR")
                 .help("Specify a mapping root to use"),
         )
-        .arg(
-            Arg::new("quiet")
-                .short('q')
-                .long("quiet")
-                .action(ArgAction::SetTrue)
-                .help("Suppress output messages, return only exit code."),
-        )
+        .arg(quiet_arg())
         .arg(
             Arg::new("skip-mappings")
                 .long("skip-mappings")

@@ -68,13 +68,7 @@ fn command(name: &'static str) -> Command {
                 .value_parser(clap::value_parser!(PathBuf))
                 .help("Specify the output file rather than stdout"),
         )
-        .arg(
-            Arg::new("quiet")
-                .short('q')
-                .long("quiet")
-                .action(ArgAction::SetTrue)
-                .help("Suppress output messages, return only exit code."),
-        )
+        .arg(quiet_arg())
         .arg(
             Arg::new("repair")
                 .short('r')

@@ -456,48 +456,37 @@ fn report_diff(report: &mut CheckReport, kind: SmKind, diff: &SmDiff) {
         report.fatal(area.clone(), e);
     }
     if diff.nr_leaked > 0 {
-        let list: Vec<String> = diff
-            .leaked
-            .iter()
-            .map(|(b, c)| format!("{b} (count {c})"))
-            .collect();
-        let more = if diff.nr_leaked > list.len() as u64 {
-            ", ..."
-        } else {
-            ""
-        };
-        report.add(
-            Severity::NonFatal,
-            area.clone(),
-            format!(
-                "{} {kind} blocks have leaked (counted but referenced by nothing): {}{more}",
-                diff.nr_leaked,
-                list.join(", ")
-            ),
+        let list = listed(
+            diff.leaked.iter().map(|(b, c)| format!("{b} (count {c})")),
+            diff.nr_leaked,
         );
+        let msg = format!(
+            "{} {kind} blocks have leaked (counted but referenced by nothing): {list}",
+            diff.nr_leaked
+        );
+        report.add(Severity::NonFatal, area.clone(), msg);
     }
     if diff.nr_mismatched > 0 {
-        let list: Vec<String> = diff
-            .mismatched
-            .iter()
-            .map(|(b, disk, want)| format!("{b} (counted {disk}, referenced {want})"))
-            .collect();
-        let more = if diff.nr_mismatched > list.len() as u64 {
-            ", ..."
-        } else {
-            ""
-        };
-        report.add(
-            Severity::Fatal,
-            area.clone(),
-            format!(
-                "{} {kind} blocks have wrong reference counts: {}{more}",
-                diff.nr_mismatched,
-                list.join(", ")
-            ),
+        let list = listed(
+            diff.mismatched
+                .iter()
+                .map(|(b, disk, want)| format!("{b} (counted {disk}, referenced {want})")),
+            diff.nr_mismatched,
         );
+        let msg = format!(
+            "{} {kind} blocks have wrong reference counts: {list}",
+            diff.nr_mismatched
+        );
+        report.add(Severity::Fatal, area.clone(), msg);
     }
     for w in &diff.warnings {
         report.add(Severity::NonFatal, area.clone(), w.clone());
     }
+}
+
+/// "a, b, c" or "a, b, c, ..." when `total` exceeds the listed items.
+fn listed(items: impl Iterator<Item = String>, total: u64) -> String {
+    let v: Vec<String> = items.collect();
+    let more = if total > v.len() as u64 { ", ..." } else { "" };
+    format!("{}{more}", v.join(", "))
 }
