@@ -174,11 +174,7 @@ fn interesting_blocks(dev: &BlockDevice) -> Vec<(&'static str, u64)> {
 fn every_single_byte_corruption_fails_the_check_without_panic() {
     let dir = tempfile::tempdir().unwrap();
     let path = fixture_copy(dir.path());
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let file = open_rw(&path);
     let blocks = {
         let dev = BlockDevice::open(&path, OpenMode::ReadOnly).unwrap();
         interesting_blocks(&dev)
@@ -260,11 +256,7 @@ fn repoint_device_1(file: &std::fs::File, top_level: u64, new_root: u64) {
 fn loops_and_pointers_past_the_device_are_damage() {
     let dir = tempfile::tempdir().unwrap();
     let path = fixture_copy(dir.path());
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let file = open_rw(&path);
     let top = {
         let dev = BlockDevice::open(&path, OpenMode::ReadOnly).unwrap();
         read_superblock(&dev, 0).unwrap().mapping_root
@@ -314,11 +306,7 @@ fn leaked_blocks_are_non_fatal_and_reported() {
     // metadata snapshot, so nothing else references data block 42.
     let dir = tempfile::tempdir().unwrap();
     let path = fixture_copy(dir.path());
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let file = open_rw(&path);
     let (leaf, details) = {
         let dev = BlockDevice::open(&path, OpenMode::ReadOnly).unwrap();
         let sb = read_superblock(&dev, 0).unwrap();
@@ -375,4 +363,20 @@ fn leaked_blocks_are_non_fatal_and_reported() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn an_impossible_space_map_size_is_damage_not_an_allocation() {
+    // A resealed superblock (a writer bug, not bit rot) claiming 2^50 data blocks.
+    let dir = tempfile::tempdir().unwrap();
+    let path = fixture_copy(dir.path());
+    let file = open_rw(&path);
+    let mut b = vec![0u8; BLOCK_SIZE];
+    file.read_exact_at(&mut b, 0).unwrap();
+    b[64..72].copy_from_slice(&(1u64 << 50).to_le_bytes()); // data_sm_root.nr_blocks
+    checksum::seal(&mut b, BlockKind::ThinSuperblock);
+    file.write_all_at(&b, 0).unwrap();
+    let out = run("thin_check", &[path.to_str().unwrap()]);
+    assert_one_line_error(&out, "thin_check on a 2^50-block data space map");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot fit"));
 }

@@ -11,11 +11,7 @@ use thinmeta::thin::superblock::{set_flags, Superblock, NEEDS_CHECK_FLAG};
 
 fn flagged_copy(dir: &std::path::Path) -> std::path::PathBuf {
     let p = unpack(&fixture_dir().join("meta.img.gz"), dir, "meta.img");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .unwrap();
+    let f = open_rw(&p);
     let mut b = vec![0u8; BLOCK_SIZE];
     f.read_exact_at(&mut b, 0).unwrap();
     set_flags(&mut b, NEEDS_CHECK_FLAG);
@@ -61,11 +57,7 @@ fn flag_is_cleared_after_a_passing_check_only() {
 
     // A failing check leaves the device untouched.
     let p2 = flagged_copy(dir.path());
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p2)
-        .unwrap();
+    let f = open_rw(&p2);
     f.write_all_at(&[0xff], 55 * BLOCK_SIZE as u64 + 100)
         .unwrap(); // details tree root
     let before = std::fs::read(&p2).unwrap();

@@ -410,27 +410,24 @@ pub fn check(
 }
 
 fn check_superblock_fields(dev: &BlockDevice, sb: &Superblock, report: &mut CheckReport) {
-    let m = sb.metadata_sm();
-    if m.nr_allocated > m.nr_blocks {
-        report.add(
-            Severity::Fatal,
-            "superblock",
-            format!(
-                "metadata space map has {} of {} blocks allocated",
-                m.nr_allocated, m.nr_blocks
-            ),
-        );
-    }
-    let d = sb.data_sm();
-    if d.nr_allocated > d.nr_blocks {
-        report.add(
-            Severity::Fatal,
-            "superblock",
-            format!(
-                "data space map has {} of {} blocks allocated",
-                d.nr_allocated, d.nr_blocks
-            ),
-        );
+    for (kind, r) in [("metadata", sb.metadata_sm()), ("data", sb.data_sm())] {
+        if r.nr_allocated > r.nr_blocks {
+            let msg = format!(
+                "{kind} space map has {} of {} blocks allocated",
+                r.nr_allocated, r.nr_blocks
+            );
+            report.add(Severity::Fatal, "superblock", msg);
+        }
+        // Each 16320 blocks need a bitmap block on this device: a larger
+        // count is damage (and would make the recomputed counts unbounded).
+        if r.nr_bitmaps() > dev.nr_blocks() {
+            let msg = format!(
+                "{kind} space map claims {} blocks; their bitmaps cannot fit the {}-block metadata device",
+                r.nr_blocks,
+                dev.nr_blocks()
+            );
+            report.add(Severity::Fatal, "superblock", msg);
+        }
     }
     for (name, b) in [
         ("mapping root", sb.mapping_root),

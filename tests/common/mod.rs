@@ -43,6 +43,15 @@ pub fn unpack(gz: &Path, dir: &Path, name: &str) -> PathBuf {
     p
 }
 
+/// Open an image read-write (tests damage copies of fixtures in place).
+pub fn open_rw(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap()
+}
+
 pub fn fixture_dir() -> PathBuf {
     repo().join("tests/data/kernel-small")
 }
