@@ -68,6 +68,64 @@ impl RefCounts {
         }
     }
 
+    /// Take one from `b`'s count. Returns the old count; a count already 0
+    /// stays 0 (callers decide whether that is an error).
+    pub fn dec(&mut self, b: u64) -> u32 {
+        if b >= self.nr_blocks {
+            return 0;
+        }
+        let s = self.small(b);
+        let w = &mut self.bits[(b / 32) as usize];
+        match s {
+            0 => 0,
+            1..=2 => {
+                *w -= 1 << ((b % 32) * 2);
+                s as u32
+            }
+            _ => {
+                let old = self.overflow[&b];
+                if old <= 3 {
+                    self.overflow.remove(&b);
+                    *w &= !(3 << ((b % 32) * 2));
+                    *w |= 2 << ((b % 32) * 2);
+                } else {
+                    self.overflow.insert(b, old - 1);
+                }
+                old
+            }
+        }
+    }
+
+    /// Set `b`'s count.
+    pub fn set(&mut self, b: u64, count: u32) {
+        if b >= self.nr_blocks {
+            return;
+        }
+        let w = &mut self.bits[(b / 32) as usize];
+        *w &= !(3 << ((b % 32) * 2));
+        self.overflow.remove(&b);
+        if count >= 3 {
+            *w |= 3 << ((b % 32) * 2);
+            self.overflow.insert(b, count);
+        } else {
+            *w |= (count as u64) << ((b % 32) * 2);
+        }
+    }
+
+    /// Blocks with counts of 3 or more, in block order, with their counts.
+    pub fn overflow_sorted(&self) -> Vec<(u64, u32)> {
+        let mut v: Vec<(u64, u32)> = self.overflow.iter().map(|(&b, &c)| (b, c)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Raw 2-bit count (3 = "3 or more") of blocks `32 * w .. 32 * w + 32`, packed
+    /// as the 64-bit word `w` of the in-memory array (bit 2i = low bit of block i).
+    #[inline]
+    pub fn word(&self, w: usize) -> u64 {
+        self.bits.get(w).copied().unwrap_or(0)
+    }
+
     /// Number of blocks with a non-zero count.
     pub fn nr_allocated(&self) -> u64 {
         self.bits
@@ -100,5 +158,15 @@ mod tests {
         assert_eq!(c.get(99), 1);
         assert_eq!(c.get(100), 0);
         assert_eq!(c.nr_allocated(), 3);
+        for want in (0..5).rev() {
+            c.dec(33);
+            assert_eq!(c.get(33), want);
+        }
+        c.set(34, 7);
+        assert_eq!(c.get(34), 7);
+        assert_eq!(c.overflow_sorted(), vec![(34, 7)]);
+        c.set(34, 2);
+        assert_eq!(c.get(34), 2);
+        assert!(c.overflow_sorted().is_empty());
     }
 }

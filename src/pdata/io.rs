@@ -185,6 +185,21 @@ impl BlockDevice {
             .map_err(|source| Error::Io { block, source })
     }
 
+    /// Write `buf.len() / 4096` consecutive blocks starting at `first`.
+    pub fn write_run(&self, first: u64, buf: &[u8]) -> Result<()> {
+        let count = (buf.len() / BLOCK_SIZE) as u64;
+        self.check_bounds(first, count)?;
+        if !self.writable {
+            return Err(Error::Other("device was opened read-only".into()));
+        }
+        self.file
+            .write_all_at(buf, first * BLOCK_SIZE as u64)
+            .map_err(|source| Error::Io {
+                block: first,
+                source,
+            })
+    }
+
     /// Flush written blocks to stable storage (the commit barrier).
     pub fn sync(&self) -> Result<()> {
         self.file

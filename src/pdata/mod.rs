@@ -7,6 +7,7 @@ pub mod counts;
 pub mod error;
 pub mod io;
 pub mod space_map;
+pub mod writer;
 
 pub use error::{Error, Result};
 

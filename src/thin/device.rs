@@ -24,6 +24,17 @@ impl Value for DeviceDetails {
     }
 }
 
+impl DeviceDetails {
+    pub fn encode(&self) -> [u8; 24] {
+        let mut b = [0u8; 24];
+        b[0..8].copy_from_slice(&self.mapped_blocks.to_le_bytes());
+        b[8..16].copy_from_slice(&self.transaction_id.to_le_bytes());
+        b[16..20].copy_from_slice(&self.creation_time.to_le_bytes());
+        b[20..24].copy_from_slice(&self.snapshotted_time.to_le_bytes());
+        b
+    }
+}
+
 /// Bottom-level mapping value: data block in the high 40 bits, the pool
 /// time of the write in the low 24.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,8 +14,7 @@ pub const SUPPORTED_VERSIONS: [u32; 2] = [1, 2];
 pub const METADATA_BLOCK_SIZE_SECTORS: u32 = 8;
 
 const OFF_FLAGS: usize = 4;
-#[cfg(test)]
-const OFF_BLOCKNR: usize = 8; // checked by checksum::validate; used by the test builder
+const OFF_BLOCKNR: usize = 8;
 const OFF_UUID: usize = 16;
 const OFF_MAGIC: usize = 32;
 const OFF_VERSION: usize = 40;
@@ -153,6 +152,43 @@ pub fn read_superblock(dev: &BlockDevice, loc: u64) -> Result<Superblock> {
     Superblock::parse(loc, &buf)
 }
 
+impl Superblock {
+    /// The sealed 4 KiB block of this superblock, stored at `self.location`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        let put32 = |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        let put64 = |b: &mut [u8], off: usize, v: u64| b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        put32(&mut b, OFF_FLAGS, self.flags);
+        put64(&mut b, OFF_BLOCKNR, self.location);
+        b[OFF_UUID..OFF_UUID + 16].copy_from_slice(&self.uuid);
+        put64(&mut b, OFF_MAGIC, THIN_SUPERBLOCK_MAGIC);
+        put32(&mut b, OFF_VERSION, self.version);
+        put32(&mut b, OFF_TIME, self.time);
+        put64(&mut b, OFF_TRANS_ID, self.transaction_id);
+        put64(&mut b, OFF_HELD_ROOT, self.metadata_snap);
+        b[OFF_DATA_SM_ROOT..OFF_DATA_SM_ROOT + SM_ROOT_SIZE].copy_from_slice(&self.data_sm_root);
+        b[OFF_METADATA_SM_ROOT..OFF_METADATA_SM_ROOT + SM_ROOT_SIZE]
+            .copy_from_slice(&self.metadata_sm_root);
+        put64(&mut b, OFF_MAPPING_ROOT, self.mapping_root);
+        put64(&mut b, OFF_DETAILS_ROOT, self.details_root);
+        put32(&mut b, OFF_DATA_BLOCK_SIZE, self.data_block_size);
+        put32(&mut b, OFF_METADATA_BLOCK_SIZE, self.metadata_block_size);
+        put64(&mut b, OFF_METADATA_NR_BLOCKS, self.metadata_nr_blocks);
+        put32(&mut b, OFF_COMPAT, self.compat_flags);
+        put32(&mut b, OFF_COMPAT_RO, self.compat_ro_flags);
+        put32(&mut b, OFF_INCOMPAT, self.incompat_flags);
+        checksum::seal(&mut b, BlockKind::ThinSuperblock);
+        b
+    }
+
+    /// An sm root field as stored (32 meaningful bytes, zero padding).
+    pub fn sm_root_bytes(root: &SmRoot) -> [u8; SM_ROOT_SIZE] {
+        let mut b = [0u8; SM_ROOT_SIZE];
+        root.encode(&mut b);
+        b
+    }
+}
+
 /// Rewrite the flags word of a superblock block in place and reseal it.
 /// Only the flags and checksum change, within the first 512-byte sector.
 pub fn set_flags(block: &mut [u8], flags: u32) {
@@ -181,6 +217,20 @@ pub(crate) mod testutil {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encode_is_the_inverse_of_parse() {
+        let mut sb = Superblock::parse(0, &testutil::build(0)).unwrap();
+        sb.time = 7;
+        sb.transaction_id = 9;
+        sb.metadata_snap = 33;
+        sb.mapping_root = 5;
+        sb.details_root = 6;
+        sb.metadata_nr_blocks = 1024;
+        sb.data_sm_root[0] = 1;
+        let b = sb.encode();
+        assert_eq!(Superblock::parse(0, &b).unwrap(), sb);
+    }
 
     #[test]
     fn parses_a_valid_superblock() {

@@ -1,7 +1,10 @@
-//! persistent-data btrees: validated zero-copy node views and the one walker.
+//! persistent-data btrees: validated zero-copy node views, the one walker,
+//! and the bulk builder.
 
+mod build;
 mod node;
 mod walk;
 
+pub use build::TreeBuilder;
 pub use node::*;
 pub use walk::*;

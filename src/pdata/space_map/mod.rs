@@ -6,6 +6,10 @@
 //! with a btree of [`IndexEntry`]s, the metadata space map with one index
 //! block of up to 255 entries.
 
+mod write;
+
+pub use write::{write_data_sm, write_metadata_sm};
+
 use std::collections::HashMap;
 
 use crate::pdata::btree::{Value, Walker};
@@ -357,6 +361,27 @@ impl DiskSpaceMap {
             ));
         }
         diff
+    }
+}
+
+impl DiskSpaceMap {
+    /// The blocks this space map counts as in use (count > 0), read from its bitmaps.
+    pub fn in_use(&self, dev: &BlockDevice) -> Result<fixedbitset::FixedBitSet> {
+        let nr_blocks = self.root.nr_blocks;
+        let mut set = fixedbitset::FixedBitSet::with_capacity(nr_blocks as usize);
+        let locs: Vec<u64> = self.index.iter().map(|e| e.blocknr).collect();
+        dev.read_in_order(&locs, 256, |i, loc, data| {
+            let bitmap = Bitmap::parse(loc, data?)?;
+            let base = i as u64 * ENTRIES_PER_BITMAP;
+            let n = (nr_blocks.saturating_sub(base)).min(ENTRIES_PER_BITMAP) as usize;
+            for j in 0..n {
+                if bitmap.get(j) != 0 {
+                    set.insert(base as usize + j);
+                }
+            }
+            Ok::<(), Error>(())
+        })?;
+        Ok(set)
     }
 }
 
