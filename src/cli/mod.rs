@@ -10,6 +10,8 @@
 pub mod progress;
 pub mod thin_check;
 pub mod thin_dump;
+pub mod thin_repair;
+pub mod thin_restore;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -49,6 +51,8 @@ pub type ToolMain = fn(&'static str, Vec<OsString>) -> i32;
 pub const TOOLS: &[(&str, ToolMain)] = &[
     ("thin_check", thin_check::main),
     ("thin_dump", thin_dump::main),
+    ("thin_repair", thin_repair::main),
+    ("thin_restore", thin_restore::main),
 ];
 
 /// Multi-call entry: dispatch on argv[0]'s basename, or on the first

@@ -106,25 +106,17 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let input = m.get_one::<PathBuf>("INPUT").unwrap();
     let quiet = m.get_flag("quiet");
 
-    for opt in [
-        "repair",
-        "transaction-id",
-        "data-block-size",
-        "nr-data-blocks",
-    ] {
-        let given = match m.try_get_one::<bool>(opt) {
-            Ok(Some(b)) => *b,
-            _ => {
-                m.contains_id(opt)
-                    && m.value_source(opt) == Some(clap::parser::ValueSource::CommandLine)
-            }
-        };
-        if given {
-            return Err(Failure::new(
-                EXIT_USAGE,
-                format!("--{opt} is not supported yet (it comes with thin_repair); use the peer's thin_dump for repair dumps"),
-            ));
-        }
+    let repair = m.get_flag("repair");
+    let overrides = super::thin_restore::overrides(m)?;
+    if !repair
+        && (overrides.transaction_id.is_some()
+            || overrides.data_block_size.is_some()
+            || overrides.nr_data_blocks.is_some())
+    {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            "--transaction-id, --data-block-size and --nr-data-blocks only apply with --repair",
+        ));
     }
 
     let format = match m.get_one::<String>("format").map(String::as_str) {
@@ -193,15 +185,24 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
         Format::Json => Box::new(JsonWriter::new(w)),
     };
     let mut progress = Progress::new("Dumping", quiet, !to_terminal);
-    let r = dump(&dev, &opts, writer.as_mut(), &mut |d, t| {
-        progress.update(d, t)
-    });
+    let r = if repair {
+        crate::thin::repair::find_source(&dev, overrides, &mut |d, t| progress.update(d, t))
+            .and_then(|src| {
+                crate::thin::repair::emit(&dev, &src, writer.as_mut(), &mut |d, t| {
+                    progress.update(d, t)
+                })
+            })
+    } else {
+        dump(&dev, &opts, writer.as_mut(), &mut |d, t| {
+            progress.update(d, t)
+        })
+    };
     progress.finish();
     r.map_err(|e| thin_failure(input, &e))
 }
 
 /// True when `a` and `b` name the same file or device (same device and inode).
-fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(a), std::fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),

@@ -144,20 +144,59 @@ pub fn dump(
         return Err(Error::Inconsistent(e));
     }
     let devs: Vec<ThinDevice> = devs.into_iter().filter(|d| selected(&d.id)).collect();
+    emit_devices(&mut walker, &info, &devs, false, out, progress)
+}
 
+/// Emit the events of `devs` (their mapping trees walked from their roots).
+/// Strict: the first damaged node is an error. Salvage (`salvage`, for
+/// repair): damaged subtrees and leaves are left out, everything readable is
+/// emitted.
+pub fn emit_devices(
+    walker: &mut Walker,
+    info: &SuperblockInfo,
+    devs: &[ThinDevice],
+    salvage: bool,
+    out: &mut dyn MetadataVisitor,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), Error> {
+    let dev = walker.device();
     // Walk every selected device's mapping tree (shared subtrees once).
     let mut trees = Vec::with_capacity(devs.len());
-    for d in &devs {
+    for d in devs {
         let before = walker.issues.len();
         trees.push(walker.walk(d.root, 8));
         if let Some(issue) = walker.issues[before..].iter().find(|i| i.fatal) {
-            return Err(Error::metadata(
-                format!("mapping tree of device {}", d.id),
-                issue.error.clone(),
-            ));
+            if !salvage {
+                return Err(Error::metadata(
+                    format!("mapping tree of device {}", d.id),
+                    issue.error.clone(),
+                ));
+            }
         }
     }
     let seqs: Vec<&[u64]> = trees.iter().map(|t| walker.leaves(t)).collect();
+    // Salvage recounts mapped_blocks from what is readable (a first read of
+    // the leaves), so rebuilt details agree with the rebuilt trees.
+    let mapped: Option<Vec<u64>> = if salvage {
+        let mut all: Vec<u64> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        all.sort_unstable();
+        all.dedup();
+        let mut nr = std::collections::HashMap::with_capacity(all.len());
+        dev.read_in_order(&all, 1024, |_, b, data| {
+            if let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) {
+                nr.insert(b, node.nr_entries() as u64);
+            }
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .ok();
+        Some(
+            seqs.iter()
+                .map(|s| s.iter().map(|l| nr.get(l).copied().unwrap_or(0)).sum())
+                .collect(),
+        )
+    } else {
+        None
+    };
     let plan = plan_sharing(dev.nr_blocks(), &seqs);
 
     // Lay the output out as events, then stream the leaves in that order.
@@ -193,7 +232,7 @@ pub fn dump(
         events.push(Ev::DevEnd);
     }
 
-    out.superblock_begin(&info)?;
+    out.superblock_begin(info)?;
     let total = leaves.len() as u64;
     let mut runs = RunBuilder::default();
     let mut cursor = 0usize;
@@ -218,7 +257,11 @@ pub fn dump(
                         Ev::DefEnd => out.def_end()?,
                         Ev::DevBegin(i) => {
                             *owner = Some(devs[*i].id);
-                            out.device_begin(&device_info(&devs[*i]))?
+                            let mut d = device_info(&devs[*i]);
+                            if let Some(m) = &mapped {
+                                d.mapped_blocks = m[*i];
+                            }
+                            out.device_begin(&d)?
                         }
                         Ev::DevEnd => out.device_end()?,
                         Ev::Ref(n) => out.reference(name.format(*n))?,
@@ -236,13 +279,17 @@ pub fn dump(
     dev.read_in_order(&leaves, 1024, |_, b, data| -> Result<(), Error> {
         advance(out, &mut cursor, &mut runs, &mut owner)?;
         cursor += 1; // the leaf
-        let node = data.and_then(|d| walker.check_leaf(b, d, 8)).map_err(|e| {
-            let ctx = match owner {
-                Some(id) => format!("mapping tree of device {id}"),
-                None => "shared mapping leaves".to_string(),
-            };
-            Error::metadata(ctx, e)
-        })?;
+        let node = match data.and_then(|d| walker.check_leaf(b, d, 8)) {
+            Ok(node) => node,
+            Err(_) if salvage => return Ok(()),
+            Err(e) => {
+                let ctx = match owner {
+                    Some(id) => format!("mapping tree of device {id}"),
+                    None => "shared mapping leaves".to_string(),
+                };
+                return Err(Error::metadata(ctx, e));
+            }
+        };
         for i in 0..node.nr_entries() {
             let bt = BlockTime::unpack(node.value::<u64>(i));
             if let Some(m) = runs.push(node.key(i), bt) {
@@ -262,7 +309,7 @@ pub fn dump(
     Ok(())
 }
 
-fn device_info(d: &ThinDevice) -> DeviceInfo {
+pub fn device_info(d: &ThinDevice) -> DeviceInfo {
     DeviceInfo {
         dev_id: d.id,
         mapped_blocks: d.details.mapped_blocks,

@@ -4,8 +4,11 @@ pub mod check;
 pub mod device;
 pub mod dump;
 pub mod metadata;
+pub mod repair;
+pub mod restore;
 pub mod runs;
 pub mod superblock;
+pub mod xml_read;
 
 use crate::pdata;
 

@@ -156,8 +156,10 @@ impl Superblock {
     /// The sealed 4 KiB block of this superblock, stored at `self.location`.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; BLOCK_SIZE];
-        let put32 = |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
-        let put64 = |b: &mut [u8], off: usize, v: u64| b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        let put64 =
+            |b: &mut [u8], off: usize, v: u64| b[off..off + 8].copy_from_slice(&v.to_le_bytes());
         put32(&mut b, OFF_FLAGS, self.flags);
         put64(&mut b, OFF_BLOCKNR, self.location);
         b[OFF_UUID..OFF_UUID + 16].copy_from_slice(&self.uuid);

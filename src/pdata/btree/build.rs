@@ -265,7 +265,9 @@ mod tests {
 
     #[test]
     fn trees_of_every_shape_read_back() {
-        for n in [0u64, 1, 83, 84, 252, 253, 300, 504, 505, 20_000, 63_600, 70_000] {
+        for n in [
+            0u64, 1, 83, 84, 252, 253, 300, 504, 505, 20_000, 63_600, 70_000,
+        ] {
             let (_f, dev) = device(2048);
             let mut w = BlockWriter::new(&dev, 2048, None);
             let mut t = TreeBuilder::new(8);

@@ -1,0 +1,403 @@
+//! Building thin metadata from the event stream of a dump.
+//!
+//! [`PoolBuilder`] is the writing end of the event model: thin_restore feeds
+//! it from XML, thin_repair from the trees it recovered, the generator from
+//! its model. Trees are bulk-built in one pass; `<def>`s become leaves that
+//! every `<ref>` shares (so sharing survives a dump/restore round trip), and
+//! data blocks are counted once per distinct leaf, as the kernel counts them.
+//!
+//! [`restore`] is the crash-safe driver around it for a whole device: a dry
+//! run first (validates everything and measures the space needed, touching
+//! nothing), then the real build into blocks the old metadata does not use,
+//! a flush, and the superblock last.
+
+use std::collections::HashMap;
+use std::io;
+
+use fixedbitset::FixedBitSet;
+
+use crate::pdata::btree::{TreeBuilder, Walker};
+use crate::pdata::counts::RefCounts;
+use crate::pdata::io::BlockDevice;
+use crate::pdata::space_map::{
+    write_data_sm, write_metadata_sm, DiskSpaceMap, MAX_METADATA_BLOCKS,
+};
+use crate::pdata::writer::BlockWriter;
+use crate::pdata::{self, BLOCK_SIZE};
+use crate::thin::device::{BlockTime, DeviceDetails};
+use crate::thin::dump::{DeviceInfo, Mapping, MetadataVisitor, SuperblockInfo};
+use crate::thin::superblock::{
+    read_superblock, Superblock, METADATA_BLOCK_SIZE_SECTORS, SUPERBLOCK_LOCATION,
+};
+
+/// Values that replace the ones in the input (thin_restore's and thin_repair's overrides).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Overrides {
+    pub transaction_id: Option<u64>,
+    pub data_block_size: Option<u32>,
+    pub nr_data_blocks: Option<u64>,
+}
+
+/// What a finished build produced.
+#[derive(Debug, Clone)]
+pub struct BuiltPool {
+    pub superblock: Superblock,
+    pub nr_devices: u64,
+    /// Metadata blocks in use, superblock included.
+    pub metadata_blocks_used: u64,
+}
+
+fn other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+/// Builds a pool's metadata from dump events.
+pub struct PoolBuilder<'a, 'd> {
+    w: &'a mut BlockWriter<'d>,
+    overrides: Overrides,
+    sb: Option<SuperblockInfo>,
+    data: RefCounts,
+    defs: HashMap<String, Vec<(u64, u64)>>,
+    def: Option<(String, TreeBuilder)>,
+    dev: Option<(DeviceInfo, TreeBuilder)>,
+    devices: Vec<(DeviceInfo, u64)>,
+    /// Take a metadata snapshot of the result (the generator's option).
+    metadata_snap: bool,
+}
+
+impl<'a, 'd> PoolBuilder<'a, 'd> {
+    pub fn new(w: &'a mut BlockWriter<'d>, overrides: Overrides) -> Self {
+        PoolBuilder {
+            w,
+            overrides,
+            sb: None,
+            data: RefCounts::new(0),
+            defs: HashMap::new(),
+            def: None,
+            dev: None,
+            devices: Vec::new(),
+            metadata_snap: false,
+        }
+    }
+
+    /// Also write a metadata snapshot (held root) of the finished pool.
+    pub fn with_metadata_snap(mut self, yes: bool) -> Self {
+        self.metadata_snap = yes;
+        self
+    }
+
+    fn nr_data_blocks(&self) -> u64 {
+        self.data.nr_blocks()
+    }
+
+    fn add_mapping(&mut self, m: &Mapping) -> io::Result<()> {
+        let nr = self.nr_data_blocks();
+        if m.data_begin >= nr || m.len > nr - m.data_begin {
+            return Err(other(format!(
+                "data block {} beyond nr_data_blocks {nr}",
+                m.data_begin
+                    .saturating_add(m.len)
+                    .saturating_sub(1)
+                    .max(m.data_begin)
+            )));
+        }
+        let t = match (&mut self.def, &mut self.dev) {
+            (Some((_, t)), _) | (None, Some((_, t))) => t,
+            (None, None) => return Err(other("mapping outside a device or def")),
+        };
+        for i in 0..m.len {
+            let bt = BlockTime {
+                block: m.data_begin + i,
+                time: m.time,
+            };
+            t.push(self.w, m.origin_begin + i, &bt.pack().to_le_bytes())
+                .map_err(other)?;
+            self.data.inc(m.data_begin + i);
+        }
+        Ok(())
+    }
+
+    /// Write the device details and mapping trees, both space maps, and
+    /// return the superblock to commit (not yet written).
+    pub fn finish(mut self) -> pdata::Result<BuiltPool> {
+        let sbi = self
+            .sb
+            .take()
+            .ok_or_else(|| pdata::Error::Other("no superblock in the input".into()))?;
+        let w = &mut *self.w;
+        self.devices.sort_by_key(|(d, _)| d.dev_id);
+        let mut details = TreeBuilder::new(24);
+        let mut top = TreeBuilder::new(8);
+        for (d, root) in &self.devices {
+            let dd = DeviceDetails {
+                mapped_blocks: d.mapped_blocks,
+                transaction_id: d.transaction,
+                creation_time: d.creation_time as u32,
+                snapshotted_time: d.snap_time as u32,
+            };
+            details.push(w, d.dev_id, &dd.encode())?;
+            top.push(w, d.dev_id, &root.to_le_bytes())?;
+        }
+        let details_root = details.finish(w)?;
+        let mapping_root = top.finish(w)?;
+        let data_sm = write_data_sm(w, &self.data)?;
+
+        let mut sb = Superblock {
+            location: SUPERBLOCK_LOCATION,
+            flags: sbi.flags,
+            uuid: [0; 16],
+            version: sbi.version,
+            time: sbi.time as u32,
+            transaction_id: self.overrides.transaction_id.unwrap_or(sbi.transaction),
+            metadata_snap: 0,
+            data_sm_root: Superblock::sm_root_bytes(&data_sm),
+            metadata_sm_root: [0; 128],
+            mapping_root,
+            details_root,
+            data_block_size: self
+                .overrides
+                .data_block_size
+                .unwrap_or(sbi.data_block_size),
+            metadata_block_size: METADATA_BLOCK_SIZE_SECTORS,
+            metadata_nr_blocks: w.nr_blocks(),
+            compat_flags: 0,
+            compat_ro_flags: 0,
+            incompat_flags: 0,
+        };
+        if self.metadata_snap {
+            // As the kernel reserves one: a copy of the superblock without
+            // space maps, holding one more reference to each of the two roots.
+            let b = w.alloc()?;
+            w.inc(b);
+            w.inc(mapping_root);
+            w.inc(details_root);
+            let copy = Superblock {
+                location: b,
+                data_sm_root: [0; 128],
+                ..sb.clone()
+            };
+            w.write(b, &copy.encode())?;
+            sb.metadata_snap = b;
+        }
+        w.inc(SUPERBLOCK_LOCATION);
+        let metadata_sm = write_metadata_sm(w)?;
+        sb.metadata_sm_root = Superblock::sm_root_bytes(&metadata_sm);
+        Ok(BuiltPool {
+            superblock: sb,
+            nr_devices: self.devices.len() as u64,
+            metadata_blocks_used: metadata_sm.nr_allocated,
+        })
+    }
+}
+
+impl MetadataVisitor for PoolBuilder<'_, '_> {
+    fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
+        let nr = self.overrides.nr_data_blocks.unwrap_or(sb.nr_data_blocks);
+        self.data = RefCounts::new(nr);
+        self.sb = Some(sb.clone());
+        Ok(())
+    }
+    fn superblock_end(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn def_begin(&mut self, name: &str) -> io::Result<()> {
+        self.def = Some((name.to_string(), TreeBuilder::leaves_only(8)));
+        Ok(())
+    }
+    fn def_end(&mut self) -> io::Result<()> {
+        if let Some((name, t)) = self.def.take() {
+            let leaves = t.finish_leaves(self.w).map_err(other)?;
+            self.defs.insert(name, leaves);
+        }
+        Ok(())
+    }
+    fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
+        self.dev = Some((*d, TreeBuilder::new(8)));
+        Ok(())
+    }
+    fn device_end(&mut self) -> io::Result<()> {
+        if let Some((d, t)) = self.dev.take() {
+            let root = t.finish(self.w).map_err(other)?;
+            self.devices.push((d, root));
+        }
+        Ok(())
+    }
+    fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
+        self.add_mapping(m)
+    }
+    fn reference(&mut self, name: &str) -> io::Result<()> {
+        let Some((_, t)) = self.dev.as_mut() else {
+            return Err(other("ref outside a device"));
+        };
+        let leaves = self
+            .defs
+            .get(name)
+            .ok_or_else(|| other(format!("ref to undefined def \"{name}\"")))?;
+        for &(k, b) in leaves {
+            t.push_shared_leaf(self.w, k, b).map_err(other)?;
+        }
+        Ok(())
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Write `built`'s superblock after everything else is on stable storage:
+/// the commit point. A crash before it leaves the old superblock in charge.
+pub fn commit(w: &mut BlockWriter, dev: &BlockDevice, sb: &Superblock) -> pdata::Result<()> {
+    w.flush()?;
+    dev.write_block(SUPERBLOCK_LOCATION, &sb.encode())?;
+    dev.sync()
+}
+
+/// Metadata blocks a pool on `dev` uses (the kernel ignores any beyond 15.875 GiB).
+pub fn metadata_blocks(dev: &BlockDevice) -> u64 {
+    dev.nr_blocks().min(MAX_METADATA_BLOCKS)
+}
+
+/// What the output device holds now, and so how it must be written.
+pub enum OldMetadata {
+    /// No thin superblock: nothing to protect.
+    None,
+    /// Valid metadata whose blocks (in use per its space map) are left
+    /// alone until the new superblock replaces the old one.
+    Protect(FixedBitSet),
+    /// A thin superblock whose space map cannot be read: the old superblock
+    /// is made invalid before anything else is written, so a crash can never
+    /// leave it pointing at new blocks.
+    Invalidate,
+}
+
+impl OldMetadata {
+    pub fn probe(dev: &BlockDevice) -> OldMetadata {
+        let Ok(sb) = read_superblock(dev, SUPERBLOCK_LOCATION) else {
+            return OldMetadata::None;
+        };
+        let mut walker = Walker::new(dev);
+        let (sm, errors) = DiskSpaceMap::load_metadata(&mut walker, sb.metadata_sm());
+        if !errors.is_empty() {
+            return OldMetadata::Invalidate;
+        }
+        match sm.in_use(dev) {
+            Ok(mut set) => {
+                set.grow(dev.nr_blocks() as usize);
+                OldMetadata::Protect(set)
+            }
+            Err(_) => OldMetadata::Invalidate,
+        }
+    }
+}
+
+/// Block 0 written in place of a superblock being replaced: not a thin
+/// superblock (the kernel and thin_check refuse it), and not all zeros either
+/// (the kernel would format an all-zero superblock as an empty pool).
+pub fn invalid_superblock() -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    let msg = b"thinmeta: metadata being rewritten; an interrupted write left no valid superblock";
+    b[512..512 + msg.len()].copy_from_slice(msg);
+    b
+}
+
+/// Run `feed` (which sends one pool's events to the builder) twice: a dry
+/// run that must succeed and fit, then the real write. Returns the result of
+/// the real run. `feed` must produce the same events both times.
+pub fn build_pool<F>(
+    dev: &BlockDevice,
+    overrides: Overrides,
+    metadata_snap: bool,
+    mut feed: F,
+) -> Result<BuiltPool, BuildError>
+where
+    F: FnMut(&mut PoolBuilder, Pass) -> Result<(), BuildError>,
+{
+    let nr_blocks = metadata_blocks(dev);
+    let old = OldMetadata::probe(dev);
+    let mut dry_run = |avoid: Option<FixedBitSet>| -> Result<u64, BuildError> {
+        let mut dry = BlockWriter::dry_run(nr_blocks, avoid);
+        let mut b = PoolBuilder::new(&mut dry, overrides).with_metadata_snap(metadata_snap);
+        feed(&mut b, Pass::Validate)?;
+        b.finish().map_err(BuildError::Metadata)?;
+        Ok(dry.high_water())
+    };
+
+    // Dry runs validate everything and measure the exact space needed,
+    // first beside the old metadata, else over it.
+    let (avoid, invalidate) = match old {
+        OldMetadata::Protect(set) => {
+            if dry_run(Some(set.clone()))? <= nr_blocks {
+                (Some(set), false)
+            } else {
+                (None, true)
+            }
+        }
+        OldMetadata::Invalidate => (None, true),
+        OldMetadata::None => (None, false),
+    };
+    if avoid.is_none() {
+        let needed = dry_run(None)?;
+        if needed > nr_blocks {
+            return Err(BuildError::TooSmall {
+                needed,
+                available: nr_blocks,
+            });
+        }
+    }
+
+    if invalidate {
+        dev.write_block(SUPERBLOCK_LOCATION, &invalid_superblock())
+            .and_then(|_| dev.sync())
+            .map_err(BuildError::Metadata)?;
+    }
+    let mut w = BlockWriter::new(dev, nr_blocks, avoid);
+    let mut b = PoolBuilder::new(&mut w, overrides).with_metadata_snap(metadata_snap);
+    feed(&mut b, Pass::Write)?;
+    let built = b.finish().map_err(BuildError::Metadata)?;
+    commit(&mut w, dev, &built.superblock).map_err(BuildError::Metadata)?;
+    Ok(built)
+}
+
+/// Which run of [`build_pool`] a feed is serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    Validate,
+    Write,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(
+        "the metadata needs {needed} blocks of 4 KiB ({} MiB) but the device has {available}",
+        needed.div_ceil(256)
+    )]
+    TooSmall { needed: u64, available: u64 },
+    #[error(transparent)]
+    Metadata(pdata::Error),
+    #[error("{0}")]
+    Input(String),
+}
+
+/// thin_restore: build the metadata described by the XML that `open_input`
+/// opens (it is called once per pass, and must give the same bytes each time).
+pub fn restore_xml<F>(
+    dev: &BlockDevice,
+    overrides: Overrides,
+    mut open_input: F,
+) -> Result<BuiltPool, BuildError>
+where
+    F: FnMut(Pass) -> io::Result<Box<dyn io::Read>>,
+{
+    build_pool(dev, overrides, false, |b, pass| {
+        let input = open_input(pass).map_err(|e| BuildError::Input(e.to_string()))?;
+        crate::thin::xml_read::read_xml_with_pool_size(input, b, overrides.nr_data_blocks)
+            .map_err(|e| {
+                let mut msg = e.to_string();
+                if msg.ends_with("beyond nr_data_blocks 0") {
+                    // The peer's `thin_dump -m` prints nr_data_blocks="0".
+                    msg.push_str(" (the dump gives no pool size: use --nr-data-blocks)");
+                }
+                BuildError::Input(msg)
+            })?;
+        Ok(())
+    })
+}
