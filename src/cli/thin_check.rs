@@ -101,6 +101,7 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
         metadata_snap: m.get_flag("metadata-snap"),
         override_mapping_root: opt_block(m, "override-mapping-root")?,
         override_details_root: opt_block(m, "override-details-root")?,
+        keep_counts: m.get_flag("auto-repair"),
     };
     let clear_needs_check = m.get_flag("clear-needs-check-flag");
     let auto_repair = m.get_flag("auto-repair");
@@ -141,6 +142,16 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
     }
 
     let passed = rep.passed(opts.ignore_non_fatal);
+    let only_leaks = rep
+        .findings
+        .iter()
+        .all(|f| f.severity == Severity::NonFatal)
+        && rep.data_leaks + rep.metadata_leaks > 0;
+    if auto_repair && only_leaks {
+        // Leaks are fixed even when --ignore-non-fatal-errors accepts them.
+        drop(dev);
+        return fix_leaks(name, input, rep, quiet);
+    }
     if !passed {
         if !quiet {
             let fatal = rep
@@ -160,14 +171,11 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
                 input.display()
             );
         }
-        if auto_repair
-            && !quiet
-            && rep
-                .findings
-                .iter()
-                .all(|f| f.severity == Severity::NonFatal)
-        {
-            eprintln!("{name}: {}: --auto-repair cannot fix these yet (it comes with thin_repair); nothing was written", input.display());
+        if auto_repair && !quiet {
+            eprintln!(
+                "{name}: {}: --auto-repair only fixes leaked blocks and the needs_check flag; nothing was written (use thin_repair)",
+                input.display()
+            );
         }
         let io = rep
             .findings
@@ -186,6 +194,62 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
                 }
             }
         }
+    }
+    Ok(EXIT_OK)
+}
+
+/// --auto-repair of leaked blocks: rebuild both space maps from the counts
+/// the check recomputed (crash-safe: new blocks, then the superblock), then
+/// check again.
+fn fix_leaks(name: &str, input: &Path, rep: CheckReport, quiet: bool) -> Result<i32, Failure> {
+    let (Some(checked), Some(counts)) = (rep.superblock, rep.counts) else {
+        return Err(Failure::new(
+            EXIT_DAMAGED,
+            format!("{}: nothing to repair from", input.display()),
+        ));
+    };
+    let dev = open_device(input, OpenMode::ReadWriteExclusive)?;
+    let now = crate::thin::superblock::read_superblock(&dev, SUPERBLOCK_LOCATION).map_err(|e| {
+        Failure::new(
+            EXIT_DAMAGED,
+            format!("{}: superblock: {e}", input.display()),
+        )
+    })?;
+    if now != checked {
+        return Err(Failure::new(
+            EXIT_BUSY,
+            format!(
+                "{}: the superblock changed during the check; nothing was written",
+                input.display()
+            ),
+        ));
+    }
+    crate::thin::check::rebuild_space_maps(
+        &dev,
+        &checked,
+        counts,
+        checked.flags & !NEEDS_CHECK_FLAG,
+    )
+    .map_err(|e| {
+        Failure::new(
+            if e.is_io() { EXIT_IO } else { EXIT_DAMAGED },
+            format!("{}: --auto-repair: {e}", input.display()),
+        )
+    })?;
+    if !quiet {
+        eprintln!(
+            "{name}: {}: rebuilt the space maps: {} leaked data and {} leaked metadata blocks are free again",
+            input.display(),
+            rep.data_leaks,
+            rep.metadata_leaks
+        );
+    }
+    let again = check(&dev, &CheckOptions::default(), &mut |_, _| {});
+    if !again.passed(false) {
+        if !quiet {
+            print_findings(name, input, &again, false);
+        }
+        return Ok(EXIT_DAMAGED);
     }
     Ok(EXIT_OK)
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+#[derive(Debug, Clone)]
 pub struct RefCounts {
     bits: Vec<u64>,
     overflow: HashMap<u64, u32>,

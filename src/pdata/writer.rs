@@ -37,6 +37,21 @@ impl<'d> BlockWriter<'d> {
         Self::make(Some(dev), nr_blocks, avoid)
     }
 
+    /// A writer onto `dev` that adds to existing metadata counts (blocks
+    /// with a count are never handed out, nor blocks in `avoid`).
+    pub fn with_counts(dev: &'d BlockDevice, counts: RefCounts, avoid: FixedBitSet) -> Self {
+        let mut avoid = avoid;
+        avoid.grow(counts.nr_blocks() as usize);
+        for b in 0..counts.nr_blocks() {
+            if counts.get(b) > 0 {
+                avoid.insert(b as usize);
+            }
+        }
+        let mut w = Self::make(Some(dev), counts.nr_blocks(), Some(avoid));
+        w.counts = counts;
+        w
+    }
+
     /// A writer that writes nothing and may allocate up to `nr_blocks`.
     pub fn dry_run(nr_blocks: u64, avoid: Option<FixedBitSet>) -> Self {
         Self::make(None, nr_blocks, avoid)

@@ -29,6 +29,17 @@ pub struct CheckOptions {
     pub metadata_snap: bool,
     pub override_mapping_root: Option<u64>,
     pub override_details_root: Option<u64>,
+    /// Keep the recomputed reference counts in the report (for
+    /// [`rebuild_space_maps`]).
+    pub keep_counts: bool,
+}
+
+/// Reference counts a check recomputed from the trees.
+#[derive(Debug, Clone)]
+pub struct Counts {
+    /// Metadata blocks of the superblocks and trees (not of the space maps).
+    pub metadata: RefCounts,
+    pub data: RefCounts,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +68,8 @@ pub struct CheckReport {
     /// Leaked blocks per space map (trivially repairable).
     pub data_leaks: u64,
     pub metadata_leaks: u64,
+    /// With [`CheckOptions::keep_counts`], when the trees could be read.
+    pub counts: Option<Counts>,
 }
 
 impl CheckReport {
@@ -376,6 +389,13 @@ pub fn check(
         return report;
     }
 
+    if opts.keep_counts {
+        report.counts = walker.ref_counts().map(|m| Counts {
+            metadata: m.clone(),
+            data: data_counts.clone(),
+        });
+    }
+
     // Space maps: load (counting their own blocks), then compare.
     let (data_sm, errs) = DiskSpaceMap::load_data(&mut walker, sb.data_sm());
     for e in &errs {
@@ -486,4 +506,49 @@ fn listed(items: impl Iterator<Item = String>, total: u64) -> String {
     let v: Vec<String> = items.collect();
     let more = if total > v.len() as u64 { ", ..." } else { "" };
     format!("{}{more}", v.join(", "))
+}
+
+/// Replace both space maps of `dev` with ones built from `counts` (what a
+/// check recomputed from the trees): the fix for leaked blocks. New space-map
+/// blocks go where neither the old space maps nor the trees are, and the
+/// superblock is written last, so a crash leaves the old metadata whole.
+/// Returns the new superblock.
+pub fn rebuild_space_maps(
+    dev: &BlockDevice,
+    checked: &Superblock,
+    counts: Counts,
+    flags: u32,
+) -> crate::pdata::Result<Superblock> {
+    use crate::pdata::space_map::{write_data_sm, write_metadata_sm};
+    use crate::pdata::writer::BlockWriter;
+    use crate::thin::restore::{commit, OldMetadata};
+
+    let old = match OldMetadata::probe(dev) {
+        OldMetadata::Protect(set) => set,
+        _ => {
+            return Err(crate::pdata::Error::Other(
+                "the metadata space map cannot be read; use thin_repair".into(),
+            ))
+        }
+    };
+    let mut meta = counts.metadata;
+    if meta.nr_blocks() != checked.metadata_sm().nr_blocks {
+        return Err(crate::pdata::Error::Other(
+            "recomputed counts do not match the metadata space map size".into(),
+        ));
+    }
+    if meta.get(SUPERBLOCK_LOCATION) == 0 {
+        meta.inc(SUPERBLOCK_LOCATION);
+    }
+    let mut w = BlockWriter::with_counts(dev, meta, old);
+    let data_sm = write_data_sm(&mut w, &counts.data)?;
+    let metadata_sm = write_metadata_sm(&mut w)?;
+    let sb = Superblock {
+        flags,
+        data_sm_root: Superblock::sm_root_bytes(&data_sm),
+        metadata_sm_root: Superblock::sm_root_bytes(&metadata_sm),
+        ..checked.clone()
+    };
+    commit(&mut w, dev, &sb)?;
+    Ok(sb)
 }
