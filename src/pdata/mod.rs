@@ -8,6 +8,7 @@ pub mod error;
 pub mod io;
 pub mod scan;
 pub mod space_map;
+pub mod txn;
 pub mod writer;
 
 pub use error::{Error, Result};

@@ -365,6 +365,28 @@ impl DiskSpaceMap {
 }
 
 impl DiskSpaceMap {
+    /// Every block's count, read from the bitmaps and the ref-count tree.
+    pub fn to_counts(&self, dev: &BlockDevice) -> Result<RefCounts> {
+        let nr_blocks = self.root.nr_blocks;
+        let mut counts = RefCounts::new(nr_blocks);
+        let locs: Vec<u64> = self.index.iter().map(|e| e.blocknr).collect();
+        dev.read_in_order(&locs, 256, |i, loc, data| {
+            let bitmap = Bitmap::parse(loc, data?)?;
+            let base = i as u64 * ENTRIES_PER_BITMAP;
+            let n = (nr_blocks.saturating_sub(base)).min(ENTRIES_PER_BITMAP) as usize;
+            for j in 0..n {
+                let b = base + j as u64;
+                match bitmap.get(j) {
+                    0 => {}
+                    3 => counts.set(b, self.overflow.get(&b).copied().unwrap_or(3).max(3)),
+                    v => counts.set(b, v),
+                }
+            }
+            Ok::<(), Error>(())
+        })?;
+        Ok(counts)
+    }
+
     /// The blocks this space map counts as in use (count > 0), read from its bitmaps.
     pub fn in_use(&self, dev: &BlockDevice) -> Result<fixedbitset::FixedBitSet> {
         let nr_blocks = self.root.nr_blocks;
