@@ -1,5 +1,6 @@
 //! On a real block device (a loop device), live metadata held open
-//! exclusively (as by an active pool) is refused, while -m still reads it.
+//! exclusively (as by an active pool) is refused by readers and writers,
+//! while -m still reads it.
 //! Skipped where loop devices cannot be set up (not root, no loop module).
 
 mod common;
@@ -56,6 +57,25 @@ fn a_device_in_use_is_refused_unless_reading_the_metadata_snapshot() {
         );
         assert!(String::from_utf8_lossy(&out.stderr).contains("in use"));
     }
+    // Writers refuse it too, and write nothing.
+    let xml = dir.path().join("a.xml");
+    std::fs::write(&xml, run("thin_dump", &[img.to_str().unwrap()]).stdout).unwrap();
+    let other = unpack(&fixture_dir().join("meta.img.gz"), dir.path(), "other.img");
+    let before = std::fs::read(&img).unwrap();
+    for (tool, args) in [
+        ("thin_restore", vec!["-i", xml.to_str().unwrap(), "-o", &dev.0]),
+        ("thin_repair", vec!["-i", other.to_str().unwrap(), "-o", &dev.0]),
+        ("thin_check", vec!["--auto-repair", &dev.0]),
+    ] {
+        let out = run(tool, &args);
+        assert_eq!(
+            out.status.code(),
+            Some(75),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), before);
     let snap = run("thin_dump", &["-m", &dev.0]);
     assert!(
         snap.status.success(),
