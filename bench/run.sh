@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
-# Benchmark for thinmeta's thin_check / thin_dump.
+# Benchmark for thinmeta's tools.
 #
-# Usage: bench/run.sh [IMAGE] [REPS]
-#   IMAGE  metadata image (raw, or .gz).  Default: ../shared/testdata/perf/medium.bin.gz
-#          relative to the repo root, plus small.bin.gz when present.
-#   REPS   timed repetitions per command after one warm-up run (default 7).
+# Usage: bench/run.sh [SET|IMAGE] [REPS]
+#   SET    all (default): the image set, then the large set
+#          medium: the image set only: ../shared/testdata/perf/medium.bin.gz relative to
+#                  the repo root, plus small.bin.gz when present (thin_check, thin_dump)
+#          large:  the large set only (see below)
+#   IMAGE  a metadata image (raw, or .gz): the image set on that image only.
+#   REPS   timed repetitions per command.  Image set: after one warm-up run (default 7).
+#          Large set: default 5, and at most LARGE_SLOW_REPS (default 3) for the slow
+#          tools (thin_restore, thin_repair, thin_generate_metadata).
 #
-# For every command: one warm-up run, then REPS timed runs, each started through
+# Large set: a pool like the peer's `large` (gen_thin_xml.py --origins 4 --segments 30000
+# --snaps 5 --seed 3: 24 devices, 152.6 M mappings, 45.7 M distinct leaf entries, ~788 MiB
+# of metadata) written by `thin_generate_metadata` into a 2 GiB file in the cache dir
+# ${BENCH_DIR:-<repo>/target/bench}, and dumped once to XML (the input of thin_restore).
+# Both are kept and regenerated only when missing, or when the parameters or the
+# generator's model (src/thin/generate.rs) changed.  Measured: the baseline
+# `cat large.bin > /dev/null`, thin_check, thin_dump (to /dev/null), thin_restore (the XML
+# into a preallocated 2 GiB file), thin_repair (the image into that file), and
+# thin_generate_metadata itself (into that file).  The output file's block 0 is zeroed
+# before each run that writes it (not timed), so every run writes a pool onto a device
+# that holds none, as on a fresh metadata volume.
+#
+# Image set: for every command one warm-up run, then REPS timed runs.  Large set: one
+# warm-up run for thin_check and thin_dump only.  Every timed run is started through
 #   /usr/bin/time -f '%e %U %S %M'
 # Reported figures:
 #   wall  - bash $EPOCHREALTIME around the /usr/bin/time invocation (microsecond
@@ -29,16 +47,41 @@ TARGET_CHECK_S=0.05
 TARGET_DUMP_S=0.15
 TARGET_PEAK_MIB=32
 
+# Large set: generator parameters (the peer's `large`), device size, and targets
+# (median wall s, peak MiB; "-" = none).
+LARGE_PARAMS=(--origins 4 --segments 30000 --snaps 5 --seed 3)
+LARGE_SIZE=2G
+LARGE_REPS_DEFAULT=5
+LARGE_SLOW_REPS=${LARGE_SLOW_REPS:-3}
+LARGE_TARGET_CHECK=(0.7 64)
+LARGE_TARGET_DUMP=(2.5 -)
+LARGE_TARGET_RESTORE=(2 128)
+LARGE_TARGET_REPAIR=(5 -)
+
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(git -C "$here" rev-parse --show-toplevel 2>/dev/null || (cd "$here/.." && pwd))
 perf_dir="$root/../shared/testdata/perf"
 peer_md="$perf_dir/peer_bench_medians.md"
+
+set_arg=${1:-all}
+run_images=1; run_large=1
+case $set_arg in
+    all)    ;;
+    medium) run_large=0 ;;
+    large)  run_images=0 ;;
+    *)      run_large=0 ;;   # an image path
+esac
 
 reps=${2:-$REPS_DEFAULT}
 if ! [[ $reps =~ ^[1-9][0-9]*$ ]]; then
     echo "warning: bad repetition count '$reps', using $REPS_DEFAULT" >&2
     reps=$REPS_DEFAULT
 fi
+large_reps=${2:-$LARGE_REPS_DEFAULT}
+[[ $large_reps =~ ^[1-9][0-9]*$ ]] || large_reps=$LARGE_REPS_DEFAULT
+[[ $LARGE_SLOW_REPS =~ ^[1-9][0-9]*$ ]] || LARGE_SLOW_REPS=3
+large_slow_reps=$(( LARGE_SLOW_REPS < large_reps ? LARGE_SLOW_REPS : large_reps ))
+bench_dir=${BENCH_DIR:-$root/target/bench}
 
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/thinmeta-bench.XXXXXX")
 cleanup() { rm -rf "$scratch"; }
@@ -72,7 +115,9 @@ fi
 
 # ---------------------------------------------------------------- image list
 images=()
-if [[ $# -ge 1 && -n $1 ]]; then
+if [[ $run_images -eq 0 ]]; then
+    :
+elif [[ $set_arg != all && $set_arg != medium ]]; then
     if [[ ! -f $1 ]]; then
         echo "error: image '$1' not found" >&2
         exit 0
@@ -87,7 +132,7 @@ else
     fi
     if [[ ${#images[@]} -eq 0 ]]; then
         echo "error: no images found under $perf_dir" >&2
-        exit 0
+        [[ $run_large -eq 0 ]] && exit 0
     fi
 fi
 
@@ -158,10 +203,12 @@ echo "memory      : ${mem_total:-unknown}"
 echo "binary      : $bin"
 echo "commit      : $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')$( [[ -n $(git -C "$root" status --porcelain --untracked-files=no 2>/dev/null) ]] && echo ' (working tree modified)')"
 echo "loadavg     : $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null) at start (other load on the machine inflates wall, not CPU)"
-echo "repetitions : $reps timed runs per command, after 1 warm-up run"
+[[ $run_images -eq 1 ]] && echo "repetitions : image set: $reps timed runs per command, after 1 warm-up run"
+[[ $run_large -eq 1 ]] && echo "repetitions : large set: $large_reps timed runs ($large_slow_reps for thin_restore, thin_repair, thin_generate_metadata)"
 echo "timing      : wall = \$EPOCHREALTIME around /usr/bin/time; CPU = user+sys (rusage);"
 echo "              peak = max RSS (/usr/bin/time %M). ratio = median wall / median baseline wall."
 echo "baseline    : cat IMG > /dev/null (page-cached sequential read, after a warm-up read)"
+[[ $run_large -eq 1 ]] && echo "cache       : $bench_dir (large set)"
 echo
 
 # ---------------------------------------------------------------- run
@@ -301,5 +348,165 @@ for src in "${images[@]}"; do
 
     [[ $src == *.gz ]] && rm -f "$img"
 done
+
+
+# ---------------------------------------------------------------- large set
+# prealloc FILE: a 2 GiB all-zero file with its blocks allocated.
+prealloc() {
+    rm -f "$1"
+    fallocate -l "$LARGE_SIZE" "$1" 2>/dev/null || truncate -s "$LARGE_SIZE" "$1"
+}
+# wipe FILE: zero block 0 (no superblock: the writer treats the file as empty).
+wipe() { dd if=/dev/zero of="$1" bs=4096 count=1 conv=notrunc status=none; }
+# measure_fresh LABEL OUT CMD...: measure CMD after wiping OUT (the wipe is not timed:
+# it runs, and is reaped, before measure takes its first `times` snapshot).
+measure_fresh() {
+    local label=$1 out=$2; shift 2
+    wipe "$out"
+    measure "$label" "$@"
+}
+# large_row NAME LABEL TARGET_WALL TARGET_PEAK PEER_TEST
+large_row() {
+    local name=$1 f="$scratch/$2.dat" tw=$3 tp=$4 ptest=$5
+    local w_med w_min w_max c_med peak_kib peak_mib ratio verdict prow p_w p_c p_m nbad n
+    [[ -s $f ]] || { printf '%-28s  (no runs)\n' "$name"; return; }
+    read -r w_med w_min w_max < <(stats "$f" 1)
+    read -r c_med _ _ < <(stats "$f" 2)
+    n=$(wc -l < "$f")
+    peak_kib=$(maxcol "$f" 3)
+    peak_mib=$(awk -v k="$peak_kib" 'BEGIN { printf "%.1f", k / 1024 }')
+    ratio=$(awk -v a="$w_med" -v b="$lb_med" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "inf" }')
+    verdict=$(awk -v w="$w_med" -v t="$tw" -v p="$peak_mib" -v pt="$tp" 'BEGIN {
+        m = ""
+        if (t != "-" && w > t + 0)  m = m " wall>" t "s"
+        if (pt != "-" && p > pt + 0) m = m " peak>" pt "MiB"
+        if (t == "-" && pt == "-") print "-"
+        else if (m == "") print "PASS"; else print "MISS" m }')
+    nbad=$(badrc "$f")
+    [[ $nbad -gt 0 ]] && verdict="$verdict (exit!=0 in $nbad runs)"
+    prow=""
+    [[ $ptest != - ]] && prow=$(peer large "$ptest")
+    read -r p_w p_c p_m <<< "${prow:-- - -}"
+    local tgt="-"
+    [[ $tw != - ]] && tgt="<=${tw}s"
+    [[ $tp != - ]] && tgt="$tgt <=${tp}MiB"
+    printf '%-28s %2d %8.3f %7.3f-%-7.3f %7.2f %7s %7s  %-18s %-24s %7s %6s %6s\n' "$name" "$n" \
+        "$w_med" "$w_min" "$w_max" "$c_med" "$peak_mib" "$ratio" "$tgt" "$verdict" "$p_w" "$p_c" "$p_m"
+    local e_med u_med s_med
+    read -r e_med _ _ < <(stats "$f" 4)
+    read -r u_med _ _ < <(stats "$f" 5)
+    read -r s_med _ _ < <(stats "$f" 6)
+    lcross+=("$(printf '%-28s %%e %.2f  %%U %.2f  %%S %.2f  %%M max %s KiB' "$name" "$e_med" "$u_med" "$s_med" "$peak_kib")")
+}
+
+if [[ $run_large -eq 1 ]]; then
+    rm -f "$scratch"/*.dat
+    mkdir -p "$bench_dir"
+    limg="$bench_dir/large.bin"
+    lxml="$bench_dir/large.xml"
+    lout="$bench_dir/large-out.bin"
+    lstamp="$bench_dir/large.stamp"
+    lsummary="$bench_dir/large.summary"
+    model_hash=$(sha256sum "$root/src/thin/generate.rs" 2>/dev/null | cut -c1-16)
+    want="params: ${LARGE_PARAMS[*]}; size: $LARGE_SIZE; model: ${model_hash:-?}"
+    echo "large set: thin_generate_metadata ${LARGE_PARAMS[*]} into a $LARGE_SIZE file"
+    large_ok=1
+    if [[ -f $limg && -f $lxml && -f $lstamp && $(cat "$lstamp") == "$want" ]]; then
+        echo "       cached: $limg ($want)"
+    else
+        echo "       generating $limg and $lxml ..." >&2
+        rm -f "$lstamp" "$lxml"
+        prealloc "$limg"
+        if ! "$bin" thin_generate_metadata -o "$limg" "${LARGE_PARAMS[@]}" 2> "$lsummary"; then
+            echo "error: thin_generate_metadata failed: $(head -c 300 "$lsummary")" >&2
+            large_ok=0
+        elif ! "$bin" thin_dump -q -o "$lxml" "$limg" 2> "$scratch/stderr"; then
+            echo "error: thin_dump of $limg failed: $(head -c 300 "$scratch/stderr")" >&2
+            large_ok=0
+        else
+            echo "$want" > "$lstamp"
+            echo "       generated: $limg ($want)"
+        fi
+    fi
+fi
+
+if [[ $run_large -eq 1 && $large_ok -eq 1 ]]; then
+    [[ -f $lsummary ]] && echo "       $(sed 's/^[^:]*: //' "$lsummary" | head -1)"
+    img_bytes=$(stat -c %s "$limg")
+    xml_bytes=$(stat -c %s "$lxml")
+    echo "       image $(awk -v b="$img_bytes" 'BEGIN { printf "%.0f MiB", b / 1048576 }'), XML $(awk -v b="$xml_bytes" 'BEGIN { printf "%.0f MiB", b / 1048576 }') (thin_dump of the image)"
+    [[ -f $lout && $(stat -c %s "$lout") -eq $img_bytes ]] || prealloc "$lout"
+    lnotes=()
+
+    # baseline (and the XML read, for reference), page-cached
+    cat "$limg" > /dev/null; cat "$lxml" > /dev/null
+    for ((i = 0; i < large_reps; i++)); do measure lbase cat "$limg"; done
+    for ((i = 0; i < large_reps; i++)); do measure lxmlcat cat "$lxml"; done
+
+    # read-only tools: one warm-up, then timed runs
+    for t in check dump; do
+        case $t in
+            check) cmd=("$bin" thin_check "$limg") ;;
+            dump)  cmd=("$bin" thin_dump "$limg") ;;
+        esac
+        out_bytes=$("${cmd[@]}" 2>"$scratch/stderr" | wc -c)
+        wrc=${PIPESTATUS[0]}
+        lnotes+=("thin_$t: warm-up exit $wrc, $out_bytes bytes on stdout")
+        [[ $wrc -ne 0 ]] && lnotes+=("  stderr: $(head -c 300 "$scratch/stderr" | tr '\n' ' ')")
+        for ((i = 0; i < large_reps; i++)); do measure "l$t" "${cmd[@]}"; done
+    done
+
+    # writers: into the preallocated file, block 0 wiped before each run
+    for ((i = 0; i < large_slow_reps; i++)); do
+        measure_fresh lrestore "$lout" "$bin" thin_restore -q -i "$lxml" -o "$lout"
+    done
+    "$bin" thin_check -q "$lout"; lnotes+=("thin_restore: thin_check of its output exits $?")
+    for ((i = 0; i < large_slow_reps; i++)); do
+        measure_fresh lrepair "$lout" "$bin" thin_repair -q -i "$limg" -o "$lout"
+    done
+    "$bin" thin_check -q "$lout"; lnotes+=("thin_repair: thin_check of its output exits $?")
+    for ((i = 0; i < large_slow_reps; i++)); do
+        measure_fresh lgen "$lout" "$bin" thin_generate_metadata -q -o "$lout" "${LARGE_PARAMS[@]}"
+    done
+    "$bin" thin_check -q "$lout"; lnotes+=("thin_generate_metadata: thin_check of its output exits $?")
+    # The pool occupies blocks 0 .. used-1 (written onto a file that held no pool);
+    # what lies beyond is left over from earlier runs.
+    used=$(sed -n 's/.* \([0-9][0-9]*\) metadata blocks used.*/\1/p' "$lsummary" 2>/dev/null | head -1)
+    if [[ -n $used ]]; then
+        if cmp -s -n $((used * 4096)) "$lout" "$limg"; then
+            lnotes+=("thin_generate_metadata: its $used blocks are byte-identical to the cached image's")
+        else
+            lnotes+=("thin_generate_metadata: output DIFFERS from the cached image (first $used blocks)")
+        fi
+    fi
+
+    read -r lb_med _ _ < <(stats "$scratch/lbase.dat" 1)
+    lcross=()
+    echo
+    printf '%-28s %2s %8s %15s %7s %7s %7s  %-18s %-24s %7s %6s %6s\n' "tool" "n" "wall med" "wall min-max" "CPU med" "peak" "ratio" "target" "verdict" "peer" "peer" "peer"
+    printf '%-28s %2s %8s %15s %7s %7s %7s  %-18s %-24s %7s %6s %6s\n' "" "" "s" "s" "s" "MiB" "x base" "" "" "wall s" "CPU s" "MiB"
+    printf '%s\n' "----------------------------------------------------------------------------------------------------------------------------------------------"
+    large_row "baseline: cat image" lbase - - raw_read_buffered
+    large_row "(cat XML, for reference)" lxmlcat - - -
+    large_row "thin_check" lcheck "${LARGE_TARGET_CHECK[@]}" thin_check
+    large_row "thin_dump > /dev/null" ldump "${LARGE_TARGET_DUMP[@]}" thin_dump
+    large_row "thin_restore XML -> file" lrestore "${LARGE_TARGET_RESTORE[@]}" thin_restore
+    large_row "thin_repair image -> file" lrepair "${LARGE_TARGET_REPAIR[@]}" thin_repair
+    large_row "thin_generate_metadata" lgen - - -
+    echo
+    echo "targets (large): thin_check <= ${LARGE_TARGET_CHECK[0]} s and <= ${LARGE_TARGET_CHECK[1]} MiB; thin_dump <= ${LARGE_TARGET_DUMP[0]} s;"
+    echo "  thin_restore <= ${LARGE_TARGET_RESTORE[0]} s and <= ${LARGE_TARGET_RESTORE[1]} MiB; thin_repair <= ${LARGE_TARGET_REPAIR[0]} s (median wall, peak RSS)."
+    echo "peer: thin-provisioning-tools on the peer's own large pool (gen_thin_xml.py, same parameters,"
+    echo "  same figures: 24 devices, 152.6 M mappings, 45.7 M distinct), from $(basename "$peer_md")."
+    echo "  Writers' wall includes the final fsync of ~790 MiB of metadata."
+    echo
+    echo "cross-check, raw /usr/bin/time medians (10 ms resolution):"
+    printf '  %s\n' "${lcross[@]}"
+    echo
+    echo "sanity:"
+    printf '  %s\n' "${lnotes[@]}"
+    echo
+    echo "loadavg after the large set: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
+fi
 
 exit 0

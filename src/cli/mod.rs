@@ -10,6 +10,7 @@
 pub mod progress;
 pub mod thin_check;
 pub mod thin_dump;
+pub mod thin_generate_metadata;
 pub mod thin_repair;
 pub mod thin_restore;
 
@@ -51,6 +52,7 @@ pub type ToolMain = fn(&'static str, Vec<OsString>) -> i32;
 pub const TOOLS: &[(&str, ToolMain)] = &[
     ("thin_check", thin_check::main),
     ("thin_dump", thin_dump::main),
+    ("thin_generate_metadata", thin_generate_metadata::main),
     ("thin_repair", thin_repair::main),
     ("thin_restore", thin_restore::main),
 ];

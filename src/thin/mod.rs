@@ -3,6 +3,7 @@
 pub mod check;
 pub mod device;
 pub mod dump;
+pub mod generate;
 pub mod metadata;
 pub mod repair;
 pub mod restore;
