@@ -273,9 +273,9 @@ fn generate_binary(
             if e.is_io() { EXIT_IO } else { EXIT_INTERNAL },
             format!("{}: {e}", output.display()),
         )),
-        Err(BuildError::Input(msg)) => Err(Failure::new(
+        Err(BuildError::Input(msg) | BuildError::InputIo(msg)) => Err(Failure::new(
             EXIT_INTERNAL,
-            format!("generated pool refused: {msg} (nothing was written)"),
+            format!("generated pool refused: {msg}"),
         )),
     }
 }

@@ -92,6 +92,9 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Err(BuildError::InputIo(msg)) => {
+            Err(Failure::new(EXIT_IO, format!("{}: {msg}", input.display())))
+        }
         Err(BuildError::Input(msg)) => Err(Failure::new(
             EXIT_DAMAGED,
             format!("{}: {msg}", input.display()),

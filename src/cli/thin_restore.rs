@@ -109,7 +109,7 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-fn open_xml(path: &Path, pass: Pass, quiet: bool) -> io::Result<Box<dyn Read>> {
+fn open_xml(path: &Path, pass: Pass, quiet: bool) -> io::Result<Box<dyn Read + Send>> {
     let f = File::open(path)?;
     let total = f.metadata()?.len();
     let mut r = BufReader::with_capacity(1 << 20, f);
@@ -155,8 +155,11 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
         Ok(_) => Ok(()),
         Err(BuildError::Input(msg)) => Err(Failure::new(
             EXIT_DAMAGED,
-            format!("{}: {msg} (nothing was written)", input.display()),
+            format!("{}: {msg}", input.display()),
         )),
+        Err(BuildError::InputIo(msg)) => {
+            Err(Failure::new(EXIT_IO, format!("{}: {msg}", input.display())))
+        }
         Err(e @ BuildError::TooSmall { .. }) => Err(Failure::new(
             EXIT_NO_INPUT,
             format!("{}: too small: {e} (nothing was written)", output.display()),

@@ -70,6 +70,11 @@ impl<'d> BlockWriter<'d> {
         }
     }
 
+    /// True for a writer that only measures (see [`BlockWriter::dry_run`]).
+    pub fn is_dry_run(&self) -> bool {
+        self.dev.is_none()
+    }
+
     pub fn nr_blocks(&self) -> u64 {
         self.nr_blocks
     }

@@ -57,6 +57,9 @@ pub trait MetadataVisitor {
     fn mapping(&mut self, m: &Mapping) -> io::Result<()>;
     fn reference(&mut self, name: &str) -> io::Result<()>;
     fn finish(&mut self) -> io::Result<()>;
+    /// A hint: `m` will be visited soon (a visitor may start loading what it
+    /// will need for it).
+    fn upcoming(&mut self, _m: &Mapping) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -506,10 +506,17 @@ pub fn repair(
     overrides: Overrides,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(RepairSource, BuiltPool), BuildError> {
-    let src =
-        find_source(input, overrides, progress).map_err(|e| BuildError::Input(e.to_string()))?;
+    let src = find_source(input, overrides, progress).map_err(input_error)?;
     let built = build_pool(output, Overrides::default(), false, |b, _| {
-        emit(input, &src, b, &mut |_, _| {}).map_err(|e| BuildError::Input(e.to_string()))
+        emit(input, &src, b, &mut |_, _| {}).map_err(input_error)
     })?;
     Ok((src, built))
+}
+
+/// A failure reading the input: I/O errors apart from damage.
+fn input_error(e: Error) -> BuildError {
+    match &e {
+        Error::Metadata { source, .. } if source.is_io() => BuildError::InputIo(e.to_string()),
+        _ => BuildError::Input(e.to_string()),
+    }
 }

@@ -47,6 +47,24 @@ pub struct BuiltPool {
     pub metadata_blocks_used: u64,
 }
 
+/// A fast hasher for def names (short, trusted-enough strings: a dump's
+/// names are numbers; a hostile XML can at worst slow a restore down).
+#[derive(Default, Clone, Copy)]
+struct NameHasher(u64);
+
+impl std::hash::Hasher for NameHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7cc1_b727_220a_95);
+        }
+    }
+}
+
+type NameHash = std::hash::BuildHasherDefault<NameHasher>;
+
 fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
@@ -57,12 +75,14 @@ pub struct PoolBuilder<'a, 'd> {
     overrides: Overrides,
     sb: Option<SuperblockInfo>,
     data: RefCounts,
-    defs: HashMap<String, Vec<(u64, u64)>>,
+    defs: HashMap<String, Vec<(u64, u64)>, NameHash>,
     def: Option<(String, TreeBuilder)>,
     dev: Option<(DeviceInfo, TreeBuilder)>,
     devices: Vec<(DeviceInfo, u64)>,
     /// Take a metadata snapshot of the result (the generator's option).
     metadata_snap: bool,
+    /// Data counts are given (from a dry run of the same events), not counted.
+    data_given: bool,
 }
 
 impl<'a, 'd> PoolBuilder<'a, 'd> {
@@ -72,12 +92,21 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             overrides,
             sb: None,
             data: RefCounts::new(0),
-            defs: HashMap::new(),
+            defs: HashMap::default(),
             def: None,
             dev: None,
             devices: Vec::new(),
             metadata_snap: false,
+            data_given: false,
         }
+    }
+
+    /// Use the data reference counts a dry run of the same events made,
+    /// instead of counting them again.
+    pub fn with_data_counts(mut self, counts: RefCounts) -> Self {
+        self.data = counts;
+        self.data_given = true;
+        self
     }
 
     /// Also write a metadata snapshot (held root) of the finished pool.
@@ -112,14 +141,18 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             };
             t.push(self.w, m.origin_begin + i, &bt.pack().to_le_bytes())
                 .map_err(other)?;
-            self.data.inc(m.data_begin + i);
+        }
+        if !self.data_given {
+            for i in 0..m.len {
+                self.data.inc(m.data_begin + i);
+            }
         }
         Ok(())
     }
 
     /// Write the device details and mapping trees, both space maps, and
     /// return the superblock to commit (not yet written).
-    pub fn finish(mut self) -> pdata::Result<BuiltPool> {
+    pub fn finish(mut self) -> pdata::Result<(BuiltPool, RefCounts)> {
         let sbi = self
             .sb
             .take()
@@ -182,18 +215,23 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
         w.inc(SUPERBLOCK_LOCATION);
         let metadata_sm = write_metadata_sm(w)?;
         sb.metadata_sm_root = Superblock::sm_root_bytes(&metadata_sm);
-        Ok(BuiltPool {
-            superblock: sb,
-            nr_devices: self.devices.len() as u64,
-            metadata_blocks_used: metadata_sm.nr_allocated,
-        })
+        Ok((
+            BuiltPool {
+                superblock: sb,
+                nr_devices: self.devices.len() as u64,
+                metadata_blocks_used: metadata_sm.nr_allocated,
+            },
+            self.data,
+        ))
     }
 }
 
 impl MetadataVisitor for PoolBuilder<'_, '_> {
     fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
         let nr = self.overrides.nr_data_blocks.unwrap_or(sb.nr_data_blocks);
-        self.data = RefCounts::new(nr);
+        if !self.data_given {
+            self.data = RefCounts::new(nr);
+        }
         self.sb = Some(sb.clone());
         Ok(())
     }
@@ -240,6 +278,11 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
     }
     fn finish(&mut self) -> io::Result<()> {
         Ok(())
+    }
+    fn upcoming(&mut self, m: &Mapping) {
+        if !self.data_given {
+            self.data.prefetch(m.data_begin);
+        }
     }
 }
 
@@ -313,35 +356,31 @@ where
 {
     let nr_blocks = metadata_blocks(dev);
     let old = OldMetadata::probe(dev);
-    let mut dry_run = |avoid: Option<FixedBitSet>| -> Result<u64, BuildError> {
-        let mut dry = BlockWriter::dry_run(nr_blocks, avoid);
-        let mut b = PoolBuilder::new(&mut dry, overrides).with_metadata_snap(metadata_snap);
-        feed(&mut b, Pass::Validate)?;
-        b.finish().map_err(BuildError::Metadata)?;
-        Ok(dry.high_water())
+    let avoid = match &old {
+        OldMetadata::Protect(set) => Some(set.clone()),
+        _ => None,
     };
 
-    // Dry runs validate everything and measure the exact space needed,
-    // first beside the old metadata, else over it.
+    // The dry run validates everything and measures the exact space needed,
+    // beside the old metadata and (the same blocks, packed) over it. It also
+    // counts the data references, which the write pass reuses.
+    let mut dry = BlockWriter::dry_run(nr_blocks, avoid.clone());
+    let mut b = PoolBuilder::new(&mut dry, overrides).with_metadata_snap(metadata_snap);
+    feed(&mut b, Pass::Validate).map_err(|e| e.noting("nothing was written"))?;
+    let (_, data_counts) = b.finish().map_err(BuildError::Metadata)?;
+    let beside_old = dry.high_water();
+    let packed = dry.nr_allocated() + 1;
+    let protected = matches!(old, OldMetadata::Protect(_));
     let (avoid, invalidate) = match old {
-        OldMetadata::Protect(set) => {
-            if dry_run(Some(set.clone()))? <= nr_blocks {
-                (Some(set), false)
-            } else {
-                (None, true)
-            }
-        }
-        OldMetadata::Invalidate => (None, true),
+        OldMetadata::Protect(_) if beside_old <= nr_blocks => (avoid, false),
+        OldMetadata::Protect(_) | OldMetadata::Invalidate => (None, true),
         OldMetadata::None => (None, false),
     };
-    if avoid.is_none() {
-        let needed = dry_run(None)?;
-        if needed > nr_blocks {
-            return Err(BuildError::TooSmall {
-                needed,
-                available: nr_blocks,
-            });
-        }
+    if avoid.is_none() && packed > nr_blocks {
+        return Err(BuildError::TooSmall {
+            needed: packed,
+            available: nr_blocks,
+        });
     }
 
     if invalidate {
@@ -350,11 +389,24 @@ where
             .map_err(BuildError::Metadata)?;
     }
     let mut w = BlockWriter::new(dev, nr_blocks, avoid);
-    let mut b = PoolBuilder::new(&mut w, overrides).with_metadata_snap(metadata_snap);
-    feed(&mut b, Pass::Write)?;
-    let built = b.finish().map_err(BuildError::Metadata)?;
+    let mut b = PoolBuilder::new(&mut w, overrides)
+        .with_metadata_snap(metadata_snap)
+        .with_data_counts(data_counts);
+    feed(&mut b, Pass::Write).map_err(|e| {
+        // Only if the input changed between the passes.
+        e.noting(if avoid_kept(protected, invalidate) {
+            "interrupted while writing: the output's previous metadata is intact"
+        } else {
+            "interrupted while writing: the output holds no valid metadata"
+        })
+    })?;
+    let (built, _) = b.finish().map_err(BuildError::Metadata)?;
     commit(&mut w, dev, &built.superblock).map_err(BuildError::Metadata)?;
     Ok(built)
+}
+
+fn avoid_kept(protected: bool, invalidated: bool) -> bool {
+    protected && !invalidated
 }
 
 /// Which run of [`build_pool`] a feed is serving.
@@ -373,31 +425,181 @@ pub enum BuildError {
     TooSmall { needed: u64, available: u64 },
     #[error(transparent)]
     Metadata(pdata::Error),
+    /// The input is wrong (bad XML, nothing recoverable, ...).
     #[error("{0}")]
     Input(String),
+    /// The input could not be read.
+    #[error("{0}")]
+    InputIo(String),
+}
+
+impl BuildError {
+    /// Add what the output holds after this error to an input error.
+    pub fn noting(self, note: &str) -> Self {
+        match self {
+            BuildError::Input(m) => BuildError::Input(format!("{m} ({note})")),
+            BuildError::InputIo(m) => BuildError::InputIo(format!("{m} ({note})")),
+            other => other,
+        }
+    }
 }
 
 /// thin_restore: build the metadata described by the XML that `open_input`
 /// opens (it is called once per pass, and must give the same bytes each time).
+/// The XML is parsed on a second thread while this one builds.
 pub fn restore_xml<F>(
     dev: &BlockDevice,
     overrides: Overrides,
     mut open_input: F,
 ) -> Result<BuiltPool, BuildError>
 where
-    F: FnMut(Pass) -> io::Result<Box<dyn io::Read>>,
+    F: FnMut(Pass) -> io::Result<Box<dyn io::Read + Send>>,
 {
     build_pool(dev, overrides, false, |b, pass| {
-        let input = open_input(pass).map_err(|e| BuildError::Input(e.to_string()))?;
-        crate::thin::xml_read::read_xml_with_pool_size(input, b, overrides.nr_data_blocks)
-            .map_err(|e| {
+        let input = open_input(pass).map_err(|e| BuildError::InputIo(e.to_string()))?;
+        pipelined_xml(input, overrides.nr_data_blocks, b)
+    })
+}
+
+/// One dump event, owned, to cross threads.
+enum Event {
+    SuperblockBegin(SuperblockInfo),
+    SuperblockEnd,
+    DefBegin(String),
+    DefEnd,
+    DeviceBegin(DeviceInfo),
+    DeviceEnd,
+    Mapping(Mapping),
+    Reference(String),
+}
+
+/// Events per batch sent from the parser to the builder.
+const BATCH: usize = 8192;
+
+/// A visitor that batches events into a channel.
+struct Batcher {
+    batch: Vec<Event>,
+    tx: std::sync::mpsc::SyncSender<Vec<Event>>,
+}
+
+impl Batcher {
+    fn push(&mut self, e: Event) -> io::Result<()> {
+        self.batch.push(e);
+        if self.batch.len() >= BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        let full = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        self.tx
+            .send(full)
+            .map_err(|_| io::Error::other("the builder stopped"))
+    }
+}
+
+impl MetadataVisitor for Batcher {
+    fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
+        self.push(Event::SuperblockBegin(sb.clone()))
+    }
+    fn superblock_end(&mut self) -> io::Result<()> {
+        self.push(Event::SuperblockEnd)
+    }
+    fn def_begin(&mut self, name: &str) -> io::Result<()> {
+        self.push(Event::DefBegin(name.to_string()))
+    }
+    fn def_end(&mut self) -> io::Result<()> {
+        self.push(Event::DefEnd)
+    }
+    fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
+        self.push(Event::DeviceBegin(*d))
+    }
+    fn device_end(&mut self) -> io::Result<()> {
+        self.push(Event::DeviceEnd)
+    }
+    fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
+        self.push(Event::Mapping(*m))
+    }
+    fn reference(&mut self, name: &str) -> io::Result<()> {
+        self.push(Event::Reference(name.to_string()))
+    }
+    fn finish(&mut self) -> io::Result<()> {
+        self.flush()
+    }
+}
+
+fn replay(out: &mut dyn MetadataVisitor, e: &Event) -> io::Result<()> {
+    match e {
+        Event::SuperblockBegin(sb) => out.superblock_begin(sb),
+        Event::SuperblockEnd => out.superblock_end(),
+        Event::DefBegin(n) => out.def_begin(n),
+        Event::DefEnd => out.def_end(),
+        Event::DeviceBegin(d) => out.device_begin(d),
+        Event::DeviceEnd => out.device_end(),
+        Event::Mapping(m) => out.mapping(m),
+        Event::Reference(n) => out.reference(n),
+    }
+}
+
+/// Parse XML on a thread of its own, feeding `out` on this one.
+fn pipelined_xml(
+    input: Box<dyn io::Read + Send>,
+    nr_data_blocks: Option<u64>,
+    out: &mut dyn MetadataVisitor,
+) -> Result<(), BuildError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(4);
+    std::thread::scope(|scope| {
+        let parser = scope.spawn(move || {
+            let mut batcher = Batcher {
+                batch: Vec::with_capacity(BATCH),
+                tx,
+            };
+            let r =
+                crate::thin::xml_read::read_xml_with_pool_size(input, &mut batcher, nr_data_blocks);
+            // Deliver what was parsed before an error too.
+            let _ = batcher.flush();
+            r
+        });
+        let mut built: io::Result<()> = Ok(());
+        // Mappings are announced this many events ahead of their use, so
+        // their data counts can be loaded while others are processed.
+        const AHEAD: usize = 16;
+        for batch in rx.iter() {
+            for m in batch.iter().take(AHEAD) {
+                if let Event::Mapping(m) = m {
+                    out.upcoming(m);
+                }
+            }
+            for (i, e) in batch.iter().enumerate() {
+                if let Some(Event::Mapping(m)) = batch.get(i + AHEAD) {
+                    out.upcoming(m);
+                }
+                if let Err(err) = replay(out, e) {
+                    built = Err(err);
+                    break;
+                }
+            }
+            if built.is_err() {
+                break;
+            }
+        }
+        drop(rx);
+        let parsed = parser
+            .join()
+            .map_err(|_| BuildError::Input("the XML parser failed".into()))?;
+        if let Err(e) = built {
+            return Err(BuildError::Input(e.to_string()));
+        }
+        parsed.map(|_| ()).map_err(|e| match e {
+            crate::thin::xml_read::XmlError::Read(io) => BuildError::InputIo(io.to_string()),
+            e => {
                 let mut msg = e.to_string();
                 if msg.ends_with("beyond nr_data_blocks 0") {
                     // The peer's `thin_dump -m` prints nr_data_blocks="0".
                     msg.push_str(" (the dump gives no pool size: use --nr-data-blocks)");
                 }
                 BuildError::Input(msg)
-            })?;
-        Ok(())
+            }
+        })
     })
 }

@@ -341,7 +341,14 @@ fn parse_start_tag(s: &[u8], text: &mut String) -> Result<Option<Tag>, TagError>
             ));
         }
         let aname = &s[a0..i];
-        let idx = match names.iter().position(|a| a.as_bytes() == aname) {
+        // Attributes nearly always come in the writer's order: try the next
+        // one first.
+        let next = t.seen.count_ones() as usize;
+        let guess = names
+            .get(next)
+            .filter(|a| a.as_bytes() == aname)
+            .map(|_| next);
+        let idx = match guess.or_else(|| names.iter().position(|a| a.as_bytes() == aname)) {
             Some(x) => x,
             None => {
                 return Err((

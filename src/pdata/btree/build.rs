@@ -42,8 +42,13 @@ impl NodeBuf {
         NODE_HEADER_SIZE + 8 * self.max + self.value_size * i
     }
 
-    fn push(&mut self, key: u64, value: &[u8]) {
+    fn push(&mut self, key: u64, value: &[u8], dry: bool) {
         debug_assert!(self.nr < self.max);
+        if dry {
+            // A dry run only counts nodes: contents do not matter.
+            self.nr += 1;
+            return;
+        }
         debug_assert_eq!(value.len(), self.value_size);
         let k = NODE_HEADER_SIZE + 8 * self.nr;
         self.data[k..k + 8].copy_from_slice(&key.to_le_bytes());
@@ -57,7 +62,12 @@ impl NodeBuf {
     }
 
     /// Move the last `n` entries of `self` to the front of `next`.
-    fn shift_tail_to(&mut self, next: &mut NodeBuf, n: usize) {
+    fn shift_tail_to(&mut self, next: &mut NodeBuf, n: usize, dry: bool) {
+        if dry {
+            self.nr -= n;
+            next.nr += n;
+            return;
+        }
         let (vs, m) = (self.value_size, next.nr);
         // Make room at the front of `next`.
         let kb = NODE_HEADER_SIZE;
@@ -79,6 +89,10 @@ impl NodeBuf {
     /// Write the node at a fresh block; the buffer is cleared for reuse.
     fn emit(&mut self, w: &mut BlockWriter, leaf: bool) -> Result<(u64, u64)> {
         let b = w.alloc()?;
+        if w.is_dry_run() {
+            self.nr = 0;
+            return Ok((0, b));
+        }
         let d = &mut self.data[..];
         let flags = if leaf { LEAF_NODE } else { INTERNAL_NODE };
         d[4..8].copy_from_slice(&flags.to_le_bytes());
@@ -172,7 +186,8 @@ impl TreeBuilder {
                 self.up(w, lvl, k, b)?;
             }
         }
-        self.levels[lvl].cur.push(key, value);
+        let dry = w.is_dry_run();
+        self.levels[lvl].cur.push(key, value, dry);
         Ok(())
     }
 
@@ -195,7 +210,7 @@ impl TreeBuilder {
             let min = l.cur.max / 3;
             if l.cur.nr > 0 && l.cur.nr < min {
                 let n = (prev.nr + l.cur.nr) / 2 - l.cur.nr;
-                prev.shift_tail_to(&mut l.cur, n);
+                prev.shift_tail_to(&mut l.cur, n, w.is_dry_run());
             }
             out.push(prev.emit(w, leaf)?);
         }

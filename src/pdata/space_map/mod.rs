@@ -10,8 +10,6 @@ mod write;
 
 pub use write::{write_data_sm, write_metadata_sm};
 
-use std::collections::HashMap;
-
 use crate::pdata::btree::{Value, Walker};
 use crate::pdata::checksum::{self, BlockKind};
 use crate::pdata::counts::RefCounts;
@@ -88,6 +86,12 @@ impl<'a> Bitmap<'a> {
         })
     }
 
+    /// Word `w` (< 510) of the bitmap: 32 entries, on-disk bit order.
+    #[inline(always)]
+    pub fn word(&self, w: usize) -> u64 {
+        le64(self.words, w * 8)
+    }
+
     /// Entry `i` (< 16320): 0, 1, 2, or 3 meaning "look in the ref-count tree".
     /// Within each le64 word, entry j uses bits 2j and 2j+1 with the even bit
     /// as the high bit of the value.
@@ -129,7 +133,8 @@ pub struct DiskSpaceMap {
     pub kind: SmKind,
     pub root: SmRoot,
     pub index: Vec<IndexEntry>,
-    pub overflow: HashMap<u64, u32>,
+    /// Leaves of the ref-count tree (counts of 3 or more), in key order.
+    pub ref_count_leaves: Vec<u64>,
 }
 
 /// What comparing a space map with recomputed counts found.
@@ -157,35 +162,73 @@ impl SmDiff {
     }
 }
 
-fn load_ref_count_tree(
-    walker: &mut Walker,
-    root: u64,
-    errors: &mut Vec<Error>,
-) -> HashMap<u64, u32> {
-    let mut overflow = HashMap::new();
+/// Walk a ref-count tree, validating its nodes; returns its leaves in key
+/// order (entries are streamed from them by [`RefCountCursor`]).
+fn load_ref_count_tree(walker: &mut Walker, root: u64, errors: &mut Vec<Error>) -> Vec<u64> {
     walker.inc_ref(root);
     let before = walker.issues.len();
-    walker.walk(root, u32::SIZE);
+    let tree = walker.walk(root, u32::SIZE);
     for issue in walker.issues.drain(before..).collect::<Vec<_>>() {
         if issue.fatal {
             errors.push(issue.error);
         }
     }
-    let leaves = walker.take_fresh_leaves();
+    let leaves = walker.leaves(&tree).to_vec();
+    let fresh = walker.take_fresh_leaves();
     let dev = walker.device();
-    dev.read_in_order(&leaves, 256, |_, b, data| {
-        match data.and_then(|d| walker.check_leaf(b, d, u32::SIZE)) {
-            Ok(node) => {
-                for (k, v) in node.entries::<u32>() {
-                    overflow.insert(k, v);
-                }
-            }
-            Err(e) => errors.push(e),
+    dev.read_in_order(&fresh, 256, |_, b, data| {
+        if let Err(e) = data.and_then(|d| walker.check_leaf(b, d, u32::SIZE)) {
+            errors.push(e);
         }
         Ok::<(), std::convert::Infallible>(())
     })
     .ok();
-    overflow
+    leaves
+}
+
+/// Reads a ref-count tree's (block, count) entries in block order, one leaf
+/// at a time, for lookups in increasing block order.
+pub struct RefCountCursor<'a> {
+    dev: &'a BlockDevice,
+    leaves: &'a [u64],
+    next_leaf: usize,
+    entries: Vec<(u64, u32)>,
+    pos: usize,
+}
+
+impl<'a> RefCountCursor<'a> {
+    pub fn new(dev: &'a BlockDevice, leaves: &'a [u64]) -> Self {
+        RefCountCursor {
+            dev,
+            leaves,
+            next_leaf: 0,
+            entries: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// The count stored for `b`; calls must come in increasing `b`.
+    pub fn get(&mut self, b: u64) -> Result<Option<u32>> {
+        loop {
+            while self.pos < self.entries.len() && self.entries[self.pos].0 < b {
+                self.pos += 1;
+            }
+            if self.pos < self.entries.len() {
+                let (k, v) = self.entries[self.pos];
+                return Ok((k == b).then_some(v));
+            }
+            let Some(&leaf) = self.leaves.get(self.next_leaf) else {
+                return Ok(None);
+            };
+            self.next_leaf += 1;
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            self.dev.read_block(leaf, &mut buf)?;
+            let node = crate::pdata::btree::Node::parse(leaf, &buf, u32::SIZE)?;
+            self.entries.clear();
+            self.entries.extend(node.entries::<u32>());
+            self.pos = 0;
+        }
+    }
 }
 
 impl DiskSpaceMap {
@@ -235,13 +278,13 @@ impl DiskSpaceMap {
         for e in &index {
             walker.inc_ref(e.blocknr);
         }
-        let overflow = load_ref_count_tree(walker, root.ref_count_root, &mut errors);
+        let ref_count_leaves = load_ref_count_tree(walker, root.ref_count_root, &mut errors);
         (
             DiskSpaceMap {
                 kind: SmKind::Data,
                 root,
                 index,
-                overflow,
+                ref_count_leaves,
             },
             errors,
         )
@@ -274,13 +317,13 @@ impl DiskSpaceMap {
         for e in &index {
             walker.inc_ref(e.blocknr);
         }
-        let overflow = load_ref_count_tree(walker, root.ref_count_root, &mut errors);
+        let ref_count_leaves = load_ref_count_tree(walker, root.ref_count_root, &mut errors);
         (
             DiskSpaceMap {
                 kind: SmKind::Metadata,
                 root,
                 index,
-                overflow,
+                ref_count_leaves,
             },
             errors,
         )
@@ -293,6 +336,7 @@ impl DiskSpaceMap {
         let locs: Vec<u64> = self.index.iter().map(|e| e.blocknr).collect();
         let nr_blocks = self.root.nr_blocks;
         let mut nr_allocated = 0u64;
+        let mut rc = RefCountCursor::new(dev, &self.ref_count_leaves);
         dev.read_in_order(&locs, 256, |i, loc, data| {
             let bitmap = match data.and_then(|d| Bitmap::parse(loc, d)) {
                 Ok(b) => b,
@@ -304,11 +348,34 @@ impl DiskSpaceMap {
             let base = i as u64 * ENTRIES_PER_BITMAP;
             let n = (nr_blocks - base).min(ENTRIES_PER_BITMAP) as usize;
             let mut free = 0u32;
-            for j in 0..n {
+            const LO: u64 = 0x5555_5555_5555_5555;
+            let mut j = 0;
+            while j < n {
+                // Fast path: 32 entries at once, when the bitmap word equals
+                // the recomputed counts and holds no "3 or more".
+                if j % 32 == 0 && j + 32 <= n {
+                    let dw = bitmap.word(j / 32);
+                    let mem = ((dw & LO) << 1) | ((dw >> 1) & LO);
+                    let aw = actual.word(((base as usize) + j) / 32);
+                    if mem == aw && mem & (mem >> 1) & LO == 0 {
+                        let used = ((mem | (mem >> 1)) & LO).count_ones();
+                        nr_allocated += used as u64;
+                        free += 32 - used;
+                        j += 32;
+                        continue;
+                    }
+                }
                 let b = base + j as u64;
-                let small = bitmap.get(j);
+                j += 1;
+                let small = bitmap.get(j - 1);
                 let disk = if small == 3 {
-                    self.overflow.get(&b).copied().unwrap_or(0)
+                    match rc.get(b) {
+                        Ok(c) => c.unwrap_or(0),
+                        Err(e) => {
+                            diff.errors.push(e);
+                            0
+                        }
+                    }
                 } else {
                     small
                 };
@@ -370,6 +437,7 @@ impl DiskSpaceMap {
         let nr_blocks = self.root.nr_blocks;
         let mut counts = RefCounts::new(nr_blocks);
         let locs: Vec<u64> = self.index.iter().map(|e| e.blocknr).collect();
+        let mut rc = RefCountCursor::new(dev, &self.ref_count_leaves);
         dev.read_in_order(&locs, 256, |i, loc, data| {
             let bitmap = Bitmap::parse(loc, data?)?;
             let base = i as u64 * ENTRIES_PER_BITMAP;
@@ -378,7 +446,7 @@ impl DiskSpaceMap {
                 let b = base + j as u64;
                 match bitmap.get(j) {
                     0 => {}
-                    3 => counts.set(b, self.overflow.get(&b).copied().unwrap_or(3).max(3)),
+                    3 => counts.set(b, rc.get(b)?.unwrap_or(3).max(3)),
                     v => counts.set(b, v),
                 }
             }
@@ -436,7 +504,9 @@ pub fn lookup(dev: &BlockDevice, sm: &DiskSpaceMap, b: u64) -> Result<u32> {
     dev.read_block(e.blocknr, &mut buf)?;
     let bm = Bitmap::parse(e.blocknr, &buf)?;
     Ok(match bm.get((b % ENTRIES_PER_BITMAP) as usize) {
-        3 => sm.overflow.get(&b).copied().unwrap_or(0),
+        3 => RefCountCursor::new(dev, &sm.ref_count_leaves)
+            .get(b)?
+            .unwrap_or(0),
         v => v,
     })
 }

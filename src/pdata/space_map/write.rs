@@ -68,9 +68,12 @@ fn index_value(loc: u64, nr_free: u32, none_free_before: u32) -> [u8; 16] {
 }
 
 /// The ref-count tree: block -> u32 count, for counts of 3 or more.
-fn write_ref_count_tree(w: &mut BlockWriter, overflow: &[(u64, u32)]) -> Result<u64> {
+fn write_ref_count_tree(
+    w: &mut BlockWriter,
+    overflow: impl Iterator<Item = (u64, u32)>,
+) -> Result<u64> {
     let mut t = TreeBuilder::new(4);
-    for &(b, c) in overflow {
+    for (b, c) in overflow {
         t.push(w, b, &c.to_le_bytes())?;
     }
     t.finish(w)
@@ -89,7 +92,7 @@ pub fn write_data_sm(w: &mut BlockWriter, counts: &RefCounts) -> Result<SmRoot> 
         index.push(w, i, &index_value(loc, nr_free, nfb))?;
     }
     let bitmap_root = index.finish(w)?;
-    let ref_count_root = write_ref_count_tree(w, &counts.overflow_sorted())?;
+    let ref_count_root = write_ref_count_tree(w, counts.overflow_iter())?;
     Ok(SmRoot {
         nr_blocks,
         nr_allocated: counts.nr_allocated(),
@@ -112,7 +115,7 @@ pub fn write_metadata_sm(w: &mut BlockWriter) -> Result<SmRoot> {
     // The ref-count tree's own nodes have count 1, so its content is known
     // before it is written; likewise the bitmaps and index block.
     let overflow = w.counts().overflow_sorted();
-    let ref_count_root = write_ref_count_tree(w, &overflow)?;
+    let ref_count_root = write_ref_count_tree(w, overflow.into_iter())?;
     let mut locs = Vec::with_capacity(nr_bitmaps);
     for _ in 0..nr_bitmaps {
         let b = w.alloc()?;
