@@ -63,8 +63,14 @@ fn a_device_in_use_is_refused_unless_reading_the_metadata_snapshot() {
     let other = unpack(&fixture_dir().join("meta.img.gz"), dir.path(), "other.img");
     let before = std::fs::read(&img).unwrap();
     for (tool, args) in [
-        ("thin_restore", vec!["-i", xml.to_str().unwrap(), "-o", &dev.0]),
-        ("thin_repair", vec!["-i", other.to_str().unwrap(), "-o", &dev.0]),
+        (
+            "thin_restore",
+            vec!["-i", xml.to_str().unwrap(), "-o", &dev.0],
+        ),
+        (
+            "thin_repair",
+            vec!["-i", other.to_str().unwrap(), "-o", &dev.0],
+        ),
         ("thin_check", vec!["--auto-repair", &dev.0]),
     ] {
         let out = run(tool, &args);
