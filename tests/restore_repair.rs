@@ -357,3 +357,31 @@ fn restoring_over_metadata_that_leaves_too_little_room_still_completes() {
     check_ok(&dev);
     assert!(dump(&dev).contains("length=\"230000\""));
 }
+
+#[test]
+fn a_wrong_mapped_blocks_is_corrected_with_a_note() {
+    let t = tempfile::tempdir().unwrap();
+    let good = dump(&fixture_dir().join("meta.img.gz"));
+    let bad = good.replacen("mapped_blocks=\"27\"", "mapped_blocks=\"99\"", 1);
+    assert_ne!(bad, good);
+    let xml = t.path().join("a.xml");
+    std::fs::write(&xml, &bad).unwrap();
+    let out = blank(t.path(), "r.img", 4 << 20);
+    let r = restore(&xml, &out);
+    assert!(r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("mapped_blocks=\"99\" but it has 27 mappings"), "{err}");
+    check_ok(&out);
+    assert_eq!(unnamed(&dump(&out)), unnamed(&good));
+}
+
+#[test]
+fn dump_repair_refuses_options_it_cannot_honour() {
+    let img = fixture_dir().join("meta.img.gz");
+    for extra in [["-m"], ["--skip-mappings"]] {
+        let mut args = vec!["--repair"];
+        args.extend_from_slice(&extra);
+        args.push(img.to_str().unwrap());
+        assert_eq!(run("thin_dump", &args).status.code(), Some(64), "{extra:?}");
+    }
+}

@@ -150,7 +150,7 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
     if auto_repair && only_leaks {
         // Leaks are fixed even when --ignore-non-fatal-errors accepts them.
         drop(dev);
-        return fix_leaks(name, input, rep, quiet);
+        return fix_leaks(name, input, rep, quiet, opts.ignore_non_fatal);
     }
     if !passed {
         if !quiet {
@@ -201,7 +201,13 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
 /// --auto-repair of leaked blocks: rebuild both space maps from the counts
 /// the check recomputed (crash-safe: new blocks, then the superblock), then
 /// check again.
-fn fix_leaks(name: &str, input: &Path, rep: CheckReport, quiet: bool) -> Result<i32, Failure> {
+fn fix_leaks(
+    name: &str,
+    input: &Path,
+    rep: CheckReport,
+    quiet: bool,
+    ignore_non_fatal: bool,
+) -> Result<i32, Failure> {
     let (Some(checked), Some(counts)) = (rep.superblock, rep.counts) else {
         return Err(Failure::new(
             EXIT_DAMAGED,
@@ -245,9 +251,9 @@ fn fix_leaks(name: &str, input: &Path, rep: CheckReport, quiet: bool) -> Result<
         );
     }
     let again = check(&dev, &CheckOptions::default(), &mut |_, _| {});
-    if !again.passed(false) {
+    if !again.passed(ignore_non_fatal) {
         if !quiet {
-            print_findings(name, input, &again, false);
+            print_findings(name, input, &again, ignore_non_fatal);
         }
         return Ok(EXIT_DAMAGED);
     }

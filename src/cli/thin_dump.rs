@@ -108,6 +108,16 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
 
     let repair = m.get_flag("repair");
     let overrides = super::thin_restore::overrides(m)?;
+    if repair
+        && (m.get_one::<String>("metadata-snap").is_some()
+            || m.get_many::<String>("dev-id").is_some()
+            || m.get_flag("skip-mappings"))
+    {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            "--repair dumps everything recoverable from the live metadata; it cannot be combined with -m, --dev-id or --skip-mappings",
+        ));
+    }
     if !repair
         && (overrides.transaction_id.is_some()
             || overrides.data_block_size.is_some()
@@ -188,6 +198,11 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let r = if repair {
         crate::thin::repair::find_source(&dev, overrides, &mut |d, t| progress.update(d, t))
             .and_then(|src| {
+                if !quiet {
+                    for n in &src.notes {
+                        eprintln!("thin_dump: {}: {n}", input.display());
+                    }
+                }
                 crate::thin::repair::emit(&dev, &src, writer.as_mut(), &mut |d, t| {
                     progress.update(d, t)
                 })

@@ -81,17 +81,21 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let src = open_device(input, OpenMode::ReadOnlyExclusive)?;
     let dst = open_device(output, OpenMode::ReadWriteExclusive)?;
     let mut progress = Progress::new("Scanning", quiet, true);
-    let r = crate::thin::repair::repair(&src, &dst, overrides, &mut |d, t| progress.update(d, t));
+    let found =
+        crate::thin::repair::find_source(&src, overrides, &mut |d, t| progress.update(d, t));
     progress.finish();
-    match r {
-        Ok((source, _)) => {
+    let r = found
+        .map_err(crate::thin::repair::input_error)
+        .and_then(|source| {
             if !quiet {
                 for n in &source.notes {
-                    eprintln!("{}: {n}", input.display());
+                    eprintln!("thin_repair: {}: {n}", input.display());
                 }
             }
-            Ok(())
-        }
+            crate::thin::repair::write_repaired(&src, &source, &dst)
+        });
+    match r {
+        Ok(_) => Ok(()),
         Err(BuildError::InputIo(msg)) => {
             Err(Failure::new(EXIT_IO, format!("{}: {msg}", input.display())))
         }

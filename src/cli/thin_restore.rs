@@ -152,7 +152,14 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let dev = open_device(output, OpenMode::ReadWriteExclusive)?;
     let r = restore_xml(&dev, overrides, |pass| open_xml(input, pass, quiet));
     match r {
-        Ok(_) => Ok(()),
+        Ok(built) => {
+            if !quiet {
+                for n in &built.notes {
+                    eprintln!("thin_restore: {}: {n}", input.display());
+                }
+            }
+            Ok(())
+        }
         Err(BuildError::Input(msg)) => Err(Failure::new(
             EXIT_DAMAGED,
             format!("{}: {msg}", input.display()),

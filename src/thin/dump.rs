@@ -187,7 +187,12 @@ pub fn emit_devices(
         let mut nr = std::collections::HashMap::with_capacity(all.len());
         dev.read_in_order(&all, 1024, |_, b, data| {
             if let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) {
-                nr.insert(b, node.nr_entries() as u64);
+                let inside = (0..node.nr_entries())
+                    .filter(|&i| {
+                        BlockTime::unpack(node.value::<u64>(i)).block < info.nr_data_blocks
+                    })
+                    .count();
+                nr.insert(b, inside as u64);
             }
             Ok::<(), std::convert::Infallible>(())
         })
@@ -295,6 +300,9 @@ pub fn emit_devices(
         };
         for i in 0..node.nr_entries() {
             let bt = BlockTime::unpack(node.value::<u64>(i));
+            if salvage && bt.block >= info.nr_data_blocks {
+                continue; // points outside the pool: damage
+            }
             if let Some(m) = runs.push(node.key(i), bt) {
                 out.mapping(&m)?;
             }

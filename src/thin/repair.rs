@@ -381,6 +381,8 @@ pub fn find_source(
     let mut notes = Vec::new();
     let sb = read_superblock(dev, SUPERBLOCK_LOCATION);
     let mut walker = Walker::new(dev);
+    // Without a superblock, the latest write time found in the mappings.
+    let mut latest_mapping_time = 0;
     let (mut trees, sb_fields): (Trees, Option<Superblock>) = match &sb {
         Ok(sb) => {
             let mut t = read_trees(&mut walker, sb.details_root, sb.mapping_root);
@@ -418,6 +420,15 @@ pub fn find_source(
             let c = Classified::new(dev, &s);
             let mut found = trees_from_scan(dev, &c, &mut notes);
             adopt_orphans(dev, &c, &mut found, &mut notes);
+            latest_mapping_time = c
+                .scan
+                .nodes
+                .iter()
+                .zip(&c.kinds)
+                .filter(|(n, k)| **k == Kind::Bottom && n.leaf)
+                .map(|(n, _)| n.max_low24)
+                .max()
+                .unwrap_or(0);
             (found, copy)
         }
     };
@@ -441,10 +452,22 @@ pub fn find_source(
         .ok_or_else(|| {
             Error::Inconsistent("the superblock is damaged: give --nr-data-blocks".into())
         })?;
-    let (time, transaction) = sb_fields
+    let (mut time, mut transaction) = sb_fields
         .as_ref()
         .map(|s| (s.time, s.transaction_id))
         .unwrap_or_default();
+    if sb.is_err() {
+        // The pool's time must not go back: the kernel tells shared blocks
+        // by comparing a mapping's time with a device's snapshot time.
+        for d in trees.details.values() {
+            time = time.max(d.creation_time).max(d.snapshotted_time);
+            transaction = transaction.max(d.transaction_id);
+        }
+        time = time.max(latest_mapping_time);
+        notes.push(format!(
+            "pool time {time} and transaction id {transaction} taken from what survived"
+        ));
+    }
     let info = SuperblockInfo {
         uuid: String::new(),
         time: time as u64,
@@ -507,14 +530,23 @@ pub fn repair(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(RepairSource, BuiltPool), BuildError> {
     let src = find_source(input, overrides, progress).map_err(input_error)?;
-    let built = build_pool(output, Overrides::default(), false, |b, _| {
-        emit(input, &src, b, &mut |_, _| {}).map_err(input_error)
-    })?;
+    let built = write_repaired(input, &src, output)?;
     Ok((src, built))
 }
 
+/// Write what [`find_source`] found onto `output`.
+pub fn write_repaired(
+    input: &BlockDevice,
+    src: &RepairSource,
+    output: &BlockDevice,
+) -> Result<BuiltPool, BuildError> {
+    build_pool(output, Overrides::default(), false, |b, _| {
+        emit(input, src, b, &mut |_, _| {}).map_err(input_error)
+    })
+}
+
 /// A failure reading the input: I/O errors apart from damage.
-fn input_error(e: Error) -> BuildError {
+pub fn input_error(e: Error) -> BuildError {
     match &e {
         Error::Metadata { source, .. } if source.is_io() => BuildError::InputIo(e.to_string()),
         _ => BuildError::Input(e.to_string()),

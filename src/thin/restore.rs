@@ -45,6 +45,8 @@ pub struct BuiltPool {
     pub nr_devices: u64,
     /// Metadata blocks in use, superblock included.
     pub metadata_blocks_used: u64,
+    /// What was corrected on the way (for the user).
+    pub notes: Vec<String>,
 }
 
 /// A fast hasher for def names (short, trusted-enough strings: a dump's
@@ -75,7 +77,11 @@ pub struct PoolBuilder<'a, 'd> {
     overrides: Overrides,
     sb: Option<SuperblockInfo>,
     data: RefCounts,
-    defs: HashMap<String, Vec<(u64, u64)>, NameHash>,
+    /// Each def's leaves (first key, block) and how many mappings they hold.
+    defs: HashMap<String, (Vec<(u64, u64)>, u64), NameHash>,
+    def_entries: u64,
+    dev_entries: u64,
+    notes: Vec<String>,
     def: Option<(String, TreeBuilder)>,
     dev: Option<(DeviceInfo, TreeBuilder)>,
     devices: Vec<(DeviceInfo, u64)>,
@@ -93,6 +99,9 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             sb: None,
             data: RefCounts::new(0),
             defs: HashMap::default(),
+            def_entries: 0,
+            dev_entries: 0,
+            notes: Vec::new(),
             def: None,
             dev: None,
             devices: Vec::new(),
@@ -129,6 +138,11 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
                     .saturating_sub(1)
                     .max(m.data_begin)
             )));
+        }
+        if self.def.is_some() {
+            self.def_entries += m.len;
+        } else {
+            self.dev_entries += m.len;
         }
         let t = match (&mut self.def, &mut self.dev) {
             (Some((_, t)), _) | (None, Some((_, t))) => t,
@@ -220,6 +234,7 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
                 superblock: sb,
                 nr_devices: self.devices.len() as u64,
                 metadata_blocks_used: metadata_sm.nr_allocated,
+                notes: std::mem::take(&mut self.notes),
             },
             self.data,
         ))
@@ -239,23 +254,34 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
         Ok(())
     }
     fn def_begin(&mut self, name: &str) -> io::Result<()> {
+        self.def_entries = 0;
         self.def = Some((name.to_string(), TreeBuilder::leaves_only(8)));
         Ok(())
     }
     fn def_end(&mut self) -> io::Result<()> {
         if let Some((name, t)) = self.def.take() {
             let leaves = t.finish_leaves(self.w).map_err(other)?;
-            self.defs.insert(name, leaves);
+            self.defs.insert(name, (leaves, self.def_entries));
         }
         Ok(())
     }
     fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
+        self.dev_entries = 0;
         self.dev = Some((*d, TreeBuilder::new(8)));
         Ok(())
     }
     fn device_end(&mut self) -> io::Result<()> {
-        if let Some((d, t)) = self.dev.take() {
+        if let Some((mut d, t)) = self.dev.take() {
             let root = t.finish(self.w).map_err(other)?;
+            if d.mapped_blocks != self.dev_entries {
+                // The kernel reports mapped_blocks and thin_check insists
+                // it matches the tree: write the true count.
+                self.notes.push(format!(
+                    "device {}: mapped_blocks=\"{}\" but it has {} mappings; writing {}",
+                    d.dev_id, d.mapped_blocks, self.dev_entries, self.dev_entries
+                ));
+                d.mapped_blocks = self.dev_entries;
+            }
             self.devices.push((d, root));
         }
         Ok(())
@@ -267,10 +293,11 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
         let Some((_, t)) = self.dev.as_mut() else {
             return Err(other("ref outside a device"));
         };
-        let leaves = self
+        let (leaves, entries) = self
             .defs
             .get(name)
             .ok_or_else(|| other(format!("ref to undefined def \"{name}\"")))?;
+        self.dev_entries += entries;
         for &(k, b) in leaves {
             t.push_shared_leaf(self.w, k, b).map_err(other)?;
         }
