@@ -60,12 +60,15 @@ impl std::hash::Hasher for NameHasher {
     }
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x51_7cc1_b727_220a_95);
+            self.0 = (self.0.rotate_left(5) ^ b as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
         }
     }
 }
 
 type NameHash = std::hash::BuildHasherDefault<NameHasher>;
+
+/// A def's leaves (first key, block), and how many mappings they hold.
+type Def = (Vec<(u64, u64)>, u64);
 
 fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
@@ -78,7 +81,7 @@ pub struct PoolBuilder<'a, 'd> {
     sb: Option<SuperblockInfo>,
     data: RefCounts,
     /// Each def's leaves (first key, block) and how many mappings they hold.
-    defs: HashMap<String, (Vec<(u64, u64)>, u64), NameHash>,
+    defs: HashMap<String, Def, NameHash>,
     def_entries: u64,
     dev_entries: u64,
     notes: Vec<String>,
