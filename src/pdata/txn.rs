@@ -45,6 +45,9 @@ pub struct Transaction<'d> {
     fresh: FixedBitSet,
     meta: RefCounts,
     data: RefCounts,
+    /// Data blocks in use when the transaction began: not handed out again
+    /// before the commit, even if freed (the old metadata still maps them).
+    data_committed: FixedBitSet,
     /// New blocks and shadows: (kind, contents), written at commit.
     dirty: BTreeMap<u64, (BlockKind, Box<[u8; BLOCK_SIZE]>)>,
     next: u64,
@@ -79,8 +82,15 @@ impl<'d> Transaction<'d> {
                 old_sm_blocks.push(b);
             }
         }
+        let mut data_committed = FixedBitSet::with_capacity(data.nr_blocks() as usize);
+        for b in 0..data.nr_blocks() {
+            if data.get(b) > 0 {
+                data_committed.insert(b as usize);
+            }
+        }
         Ok(Transaction {
             dev,
+            data_committed,
             fresh: FixedBitSet::with_capacity(nr as usize),
             committed,
             meta,
@@ -121,7 +131,7 @@ impl<'d> Transaction<'d> {
         let n = self.data.nr_blocks();
         (hint..n)
             .chain(0..hint.min(n))
-            .find(|&b| self.data.get(b) == 0)
+            .find(|&b| self.data.get(b) == 0 && !self.data_committed.contains(b as usize))
     }
 
     /// A fresh metadata block with count 1, zeroed, to be written at commit as `kind`.
@@ -148,8 +158,11 @@ impl<'d> Transaction<'d> {
 
     /// The current contents of block `b` (this transaction's copy if any).
     pub fn read(&self, b: u64) -> Result<Vec<u8>> {
-        if let Some((_, d)) = self.dirty.get(&b) {
-            return Ok(d.to_vec());
+        if let Some((kind, d)) = self.dirty.get(&b) {
+            // Sealed, so it validates like a block read from the device.
+            let mut copy = d.to_vec();
+            seal(&mut copy, *kind);
+            return Ok(copy);
         }
         let mut buf = vec![0u8; BLOCK_SIZE];
         self.dev.read_block(b, &mut buf)?;
@@ -175,7 +188,10 @@ impl<'d> Transaction<'d> {
     /// else a copy in a fresh block, with references adjusted. `refs` says
     /// what the node's leaf values reference (internal nodes: children).
     pub fn shadow(&mut self, b: u64, refs: ValueRefs) -> Result<u64> {
-        if self.is_fresh(b) {
+        // A block of this transaction that nothing else references yet is
+        // changed in place; one shared meanwhile (a snapshot taken in this
+        // transaction) is copied like any other.
+        if self.is_fresh(b) && self.meta.get(b) == 1 {
             return Ok(b);
         }
         let old = self.read(b)?;
@@ -183,7 +199,7 @@ impl<'d> Transaction<'d> {
         let node = Node::parse(b, &old, vs)?;
         let shared = self.meta.get(b) > 1;
         if shared {
-            self.inc_children(&node, refs);
+            self.inc_children(&node, refs)?;
         }
         let new = self.alloc(BlockKind::BTreeNode)?;
         let d = self.block_mut(new)?;
@@ -193,7 +209,19 @@ impl<'d> Transaction<'d> {
         Ok(new)
     }
 
-    fn inc_children(&mut self, node: &Node, refs: ValueRefs) {
+    fn inc_children(&mut self, node: &Node, refs: ValueRefs) -> Result<()> {
+        if node.is_leaf() && refs == ValueRefs::Nothing {
+            return Ok(());
+        }
+        if node.value_size() != 8 {
+            return Err(Error::invalid(
+                node.block(),
+                format!(
+                    "value size {} where references are counted",
+                    node.value_size()
+                ),
+            ));
+        }
         for i in 0..node.nr_entries() {
             let v = le64(node.value_bytes(i), 0);
             if !node.is_leaf() {
@@ -210,6 +238,7 @@ impl<'d> Transaction<'d> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Give up one reference to the tree at `root`; when that was the last,
@@ -217,6 +246,9 @@ impl<'d> Transaction<'d> {
     /// (the kernel's `dm_btree_del`). `levels` says what each level's leaves
     /// hold, top first: a thin mapping tree is `[MetadataRoot, DataBlockTime]`.
     pub fn del_tree(&mut self, root: u64, levels: &[ValueRefs]) -> Result<()> {
+        if self.meta.get(root) == 0 {
+            return Err(Error::invalid(root, "deleting a tree whose root is free"));
+        }
         if self.dec(root) > 0 {
             return Ok(());
         }
@@ -225,6 +257,17 @@ impl<'d> Transaction<'d> {
         let node = Node::parse(root, &data, vs)?;
         let flags = le32(&data, 4);
         debug_assert!(flags == INTERNAL_NODE || flags == LEAF_NODE);
+        let counted =
+            !node.is_leaf() || matches!(levels.first(), Some(r) if *r != ValueRefs::Nothing);
+        if !counted {
+            return Ok(());
+        }
+        if vs != 8 {
+            return Err(Error::invalid(
+                root,
+                format!("value size {vs} where references are counted"),
+            ));
+        }
         for i in 0..node.nr_entries() {
             let v = le64(node.value_bytes(i), 0);
             if !node.is_leaf() {
