@@ -370,7 +370,10 @@ fn a_wrong_mapped_blocks_is_corrected_with_a_note() {
     let r = restore(&xml, &out);
     assert!(r.status.success());
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(err.contains("mapped_blocks=\"99\" but it has 27 mappings"), "{err}");
+    assert!(
+        err.contains("mapped_blocks=\"99\" but it has 27 mappings"),
+        "{err}"
+    );
     check_ok(&out);
     assert_eq!(unnamed(&dump(&out)), unnamed(&good));
 }
