@@ -224,3 +224,78 @@ pub fn parse_u64(s: &str) -> Result<u64, String> {
     s.parse::<u64>()
         .map_err(|_| format!("'{s}' is not a non-negative integer"))
 }
+
+/// `-i FILE` and `-o FILE` of the tools that write metadata.
+pub fn input_output_args(cmd: clap::Command, input_help: &'static str) -> clap::Command {
+    let file = |id: &'static str, short: char, help: &'static str| {
+        clap::Arg::new(id)
+            .short(short)
+            .long(id)
+            .value_name("FILE")
+            .required(true)
+            .value_parser(clap::value_parser!(std::path::PathBuf))
+            .help(help)
+    };
+    cmd.arg(file("input", 'i', input_help))
+        .arg(file("output", 'o', "Specify the output device"))
+}
+
+/// `--transaction-id`, `--data-block-size`, `--nr-data-blocks`: values that
+/// replace what the input says (thin_restore, thin_repair).
+pub fn override_args(cmd: clap::Command, data_block_size_help: &'static str) -> clap::Command {
+    let num = |id: &'static str, name: &'static str, help: &'static str| {
+        clap::Arg::new(id).long(id).value_name(name).help(help)
+    };
+    cmd.arg(num(
+        "transaction-id",
+        "NUM",
+        "Override the transaction id if needed",
+    ))
+    .arg(num("data-block-size", "SECTORS", data_block_size_help))
+    .arg(num(
+        "nr-data-blocks",
+        "NUM",
+        "Override the number of data blocks if needed",
+    ))
+}
+
+/// The overrides given on the command line.
+pub fn parse_overrides(m: &clap::ArgMatches) -> Result<crate::thin::restore::Overrides, Failure> {
+    let num = |opt: &str| -> Result<Option<u64>, Failure> {
+        m.get_one::<String>(opt)
+            .map(|s| parse_u64(s).map_err(|e| Failure::new(EXIT_USAGE, format!("--{opt}: {e}"))))
+            .transpose()
+    };
+    let data_block_size = match num("data-block-size")? {
+        None => None,
+        Some(s) if (128..=2_097_152).contains(&s) && s % 128 == 0 => Some(s as u32),
+        Some(s) => return Err(Failure::new(
+            EXIT_USAGE,
+            format!(
+                "--data-block-size: {s} sectors is not a multiple of 128 between 128 and 2097152"
+            ),
+        )),
+    };
+    Ok(crate::thin::restore::Overrides {
+        transaction_id: num("transaction-id")?,
+        data_block_size,
+        nr_data_blocks: num("nr-data-blocks")?,
+    })
+}
+
+/// Message and exit code for a pool build from `input` onto `output` that failed.
+pub fn build_failure(e: crate::thin::restore::BuildError, input: &Path, output: &Path) -> Failure {
+    use crate::thin::restore::BuildError as E;
+    match e {
+        E::Input(msg) => Failure::new(EXIT_DAMAGED, format!("{}: {msg}", input.display())),
+        E::InputIo(msg) => Failure::new(EXIT_IO, format!("{}: {msg}", input.display())),
+        e @ E::TooSmall { .. } => Failure::new(
+            EXIT_NO_INPUT,
+            format!("{}: too small: {e} (nothing was written)", output.display()),
+        ),
+        E::Metadata(e) => Failure::new(
+            if e.is_io() { EXIT_IO } else { EXIT_INTERNAL },
+            format!("{}: {e}", output.display()),
+        ),
+    }
+}

@@ -107,7 +107,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let quiet = m.get_flag("quiet");
 
     let repair = m.get_flag("repair");
-    let overrides = super::thin_restore::overrides(m)?;
+    let overrides = parse_overrides(m)?;
     if repair
         && (m.get_one::<String>("metadata-snap").is_some()
             || m.get_many::<String>("dev-id").is_some()

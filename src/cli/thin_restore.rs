@@ -5,54 +5,18 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Path, PathBuf};
 
-use clap::{Arg, Command};
+use clap::Command;
 
 use super::progress::Progress;
 use super::*;
-use crate::thin::restore::{restore_xml, BuildError, Overrides, Pass};
+use crate::thin::restore::{restore_xml, Pass};
 
 fn command(name: &'static str) -> Command {
-    Command::new(name)
+    let cmd = Command::new(name)
         .about("Convert XML format metadata to binary.")
-        .disable_version_flag(true)
-        .arg(
-            Arg::new("input")
-                .short('i')
-                .long("input")
-                .value_name("FILE")
-                .required(true)
-                .value_parser(clap::value_parser!(PathBuf))
-                .help("Specify the input xml"),
-        )
-        .arg(
-            Arg::new("output")
-                .short('o')
-                .long("output")
-                .value_name("FILE")
-                .required(true)
-                .value_parser(clap::value_parser!(PathBuf))
-                .help("Specify the output device"),
-        )
-        .arg(quiet_arg())
-        .arg(
-            Arg::new("transaction-id")
-                .long("transaction-id")
-                .value_name("NUM")
-                .help("Override the transaction id if needed"),
-        )
-        .arg(
-            Arg::new("data-block-size")
-                .long("data-block-size")
-                .value_name("SECTORS")
-                .help("Override the data block size if needed"),
-        )
-        .arg(
-            Arg::new("nr-data-blocks")
-                .long("nr-data-blocks")
-                .value_name("NUM")
-                .help("Override the number of data blocks if needed"),
-        )
-        .arg(version_arg())
+        .disable_version_flag(true);
+    let cmd = input_output_args(cmd, "Specify the input xml").arg(quiet_arg());
+    override_args(cmd, "Override the data block size if needed").arg(version_arg())
 }
 
 pub fn main(name: &'static str, args: Vec<OsString>) -> i32 {
@@ -64,32 +28,6 @@ pub fn main(name: &'static str, args: Vec<OsString>) -> i32 {
         Ok(()) => EXIT_OK,
         Err(f) => report(name, f),
     }
-}
-
-/// The thin_restore / thin_repair overrides from the command line.
-pub fn overrides(m: &clap::ArgMatches) -> Result<Overrides, Failure> {
-    let num = |opt: &str| -> Result<Option<u64>, Failure> {
-        m.get_one::<String>(opt)
-            .map(|s| parse_u64(s).map_err(|e| Failure::new(EXIT_USAGE, format!("--{opt}: {e}"))))
-            .transpose()
-    };
-    let data_block_size = match num("data-block-size")? {
-        None => None,
-        Some(s) if (128..=2_097_152).contains(&s) && s % 128 == 0 => Some(s as u32),
-        Some(s) => {
-            return Err(Failure::new(
-                EXIT_USAGE,
-                format!(
-                "--data-block-size: {s} sectors is not a multiple of 128 between 128 and 2097152"
-            ),
-            ))
-        }
-    };
-    Ok(Overrides {
-        transaction_id: num("transaction-id")?,
-        data_block_size,
-        nr_data_blocks: num("nr-data-blocks")?,
-    })
 }
 
 /// Counts bytes read for the progress bar.
@@ -135,7 +73,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let input = m.get_one::<PathBuf>("input").unwrap();
     let output = m.get_one::<PathBuf>("output").unwrap();
     let quiet = m.get_flag("quiet");
-    let overrides = overrides(m)?;
+    let overrides = parse_overrides(m)?;
 
     let md = std::fs::metadata(input)
         .map_err(|e| Failure::new(EXIT_NO_INPUT, format!("{}: {e}", input.display())))?;
@@ -160,20 +98,6 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Err(BuildError::Input(msg)) => Err(Failure::new(
-            EXIT_DAMAGED,
-            format!("{}: {msg}", input.display()),
-        )),
-        Err(BuildError::InputIo(msg)) => {
-            Err(Failure::new(EXIT_IO, format!("{}: {msg}", input.display())))
-        }
-        Err(e @ BuildError::TooSmall { .. }) => Err(Failure::new(
-            EXIT_NO_INPUT,
-            format!("{}: too small: {e} (nothing was written)", output.display()),
-        )),
-        Err(BuildError::Metadata(e)) => Err(Failure::new(
-            if e.is_io() { EXIT_IO } else { EXIT_INTERNAL },
-            format!("{}: {e}", output.display()),
-        )),
+        Err(e) => Err(build_failure(e, input, output)),
     }
 }

@@ -78,13 +78,14 @@ impl RefCounts {
     pub fn prefetch(&self, b: u64) {
         #[cfg(target_arch = "x86_64")]
         if let Some(w) = self.bits.get((b / 32) as usize) {
-            // SAFETY: prefetching is a hint; any address is allowed.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch(
-                    (w as *const u64).cast::<i8>(),
-                    std::arch::x86_64::_MM_HINT_T0,
-                )
+            let hint = |p: *const i8| {
+                // SAFETY: prefetching is a hint; any address is allowed.
+                unsafe { std::arch::x86_64::_mm_prefetch(p, std::arch::x86_64::_MM_HINT_T0) }
             };
+            hint((w as *const u64).cast::<i8>());
+            if let Some(Some(chunk)) = self.ext.get((b / CHUNK) as usize) {
+                hint(chunk[(b % CHUNK) as usize..].as_ptr().cast::<i8>());
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = b;

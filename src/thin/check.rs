@@ -275,6 +275,11 @@ pub fn check(
                 if let Some(i) = walker.leaf_fill_issue(&node, root_leaves.contains(&b)) {
                     fill_issues.push((b, i));
                 }
+                // Counting is bound by memory latency (fragmented data):
+                // ask for every count of the leaf before touching any.
+                for i in 0..node.nr_entries() {
+                    data_counts.prefetch(BlockTime::unpack(node.value::<u64>(i)).block);
+                }
                 for i in 0..node.nr_entries() {
                     let bt = BlockTime::unpack(node.value::<u64>(i));
                     if bt.block >= nr_data_blocks {
