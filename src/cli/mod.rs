@@ -269,12 +269,14 @@ pub fn parse_overrides(m: &clap::ArgMatches) -> Result<crate::thin::restore::Ove
     let data_block_size = match num("data-block-size")? {
         None => None,
         Some(s) if (128..=2_097_152).contains(&s) && s % 128 == 0 => Some(s as u32),
-        Some(s) => return Err(Failure::new(
-            EXIT_USAGE,
-            format!(
+        Some(s) => {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                format!(
                 "--data-block-size: {s} sectors is not a multiple of 128 between 128 and 2097152"
             ),
-        )),
+            ))
+        }
     };
     Ok(crate::thin::restore::Overrides {
         transaction_id: num("transaction-id")?,

@@ -720,6 +720,79 @@ impl<W: Write> MetadataVisitor for JsonWriter<W> {
     }
 }
 
+/// Test helper: a dump collected per device, refs expanded.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::collections::{BTreeMap, HashMap};
+    use std::io;
+
+    use super::*;
+
+    /// A device and its mappings, one (virtual, data, time) a block, in
+    /// the order the dump gave them.
+    pub type DevMaps = (DeviceInfo, Vec<(u64, u64, u32)>);
+
+    #[derive(Default)]
+    pub struct Collect {
+        pub sb: Option<SuperblockInfo>,
+        pub devs: BTreeMap<u64, DevMaps>,
+        /// How many `<ref>`s the dump held.
+        pub refs: u64,
+        defs: HashMap<String, Vec<(u64, u64, u32)>>,
+        def: Option<(String, Vec<(u64, u64, u32)>)>,
+        dev: Option<DevMaps>,
+    }
+
+    impl MetadataVisitor for Collect {
+        fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
+            self.sb = Some(sb.clone());
+            Ok(())
+        }
+        fn superblock_end(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn def_begin(&mut self, name: &str) -> io::Result<()> {
+            self.def = Some((name.to_string(), Vec::new()));
+            Ok(())
+        }
+        fn def_end(&mut self) -> io::Result<()> {
+            let (n, v) = self.def.take().expect("def_end without def_begin");
+            self.defs.insert(n, v);
+            Ok(())
+        }
+        fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
+            self.dev = Some((*d, Vec::new()));
+            Ok(())
+        }
+        fn device_end(&mut self) -> io::Result<()> {
+            let (d, v) = self.dev.take().expect("device_end without device_begin");
+            self.devs.insert(d.dev_id, (d, v));
+            Ok(())
+        }
+        fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
+            let blocks = (0..m.len).map(|i| (m.origin_begin + i, m.data_begin + i, m.time));
+            match (&mut self.def, &mut self.dev) {
+                (Some((_, v)), _) | (None, Some((_, v))) => v.extend(blocks),
+                (None, None) => panic!("mapping outside a def or device"),
+            }
+            Ok(())
+        }
+        fn reference(&mut self, name: &str) -> io::Result<()> {
+            self.refs += 1;
+            let d = &self.defs[name];
+            self.dev
+                .as_mut()
+                .expect("ref outside a device")
+                .1
+                .extend_from_slice(d);
+            Ok(())
+        }
+        fn finish(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

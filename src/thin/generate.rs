@@ -664,7 +664,7 @@ mod tests {
     use crate::thin::dump::{dump, DumpOptions, XmlWriter};
     use crate::thin::restore::{build_pool, BuildError, BuiltPool, Overrides};
     use crate::thin::superblock::{read_superblock, SUPERBLOCK_LOCATION};
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::HashMap;
 
     fn small() -> GenParams {
         GenParams {
@@ -700,71 +700,7 @@ mod tests {
         )
     }
 
-    /// A device and its mappings, one (virtual, data, time) a block.
-    type DevMaps = (DeviceInfo, Vec<(u64, u64, u32)>);
-
-    /// Collects each device's full mapping list (refs expanded) and details.
-    #[derive(Default)]
-    struct Collect {
-        sb: Option<SuperblockInfo>,
-        defs: HashMap<String, Vec<Mapping>>,
-        def: Option<(String, Vec<Mapping>)>,
-        devs: BTreeMap<u64, DevMaps>,
-        dev: Option<DevMaps>,
-        refs: u64,
-    }
-
-    impl MetadataVisitor for Collect {
-        fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
-            self.sb = Some(sb.clone());
-            Ok(())
-        }
-        fn superblock_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_begin(&mut self, name: &str) -> io::Result<()> {
-            self.def = Some((name.to_string(), Vec::new()));
-            Ok(())
-        }
-        fn def_end(&mut self) -> io::Result<()> {
-            let (n, v) = self.def.take().unwrap();
-            self.defs.insert(n, v);
-            Ok(())
-        }
-        fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
-            self.dev = Some((*d, Vec::new()));
-            Ok(())
-        }
-        fn device_end(&mut self) -> io::Result<()> {
-            let (d, v) = self.dev.take().unwrap();
-            self.devs.insert(d.dev_id, (d, v));
-            Ok(())
-        }
-        fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
-            let expand = (0..m.len).map(|i| (m.origin_begin + i, m.data_begin + i, m.time));
-            match (&mut self.def, &mut self.dev) {
-                (Some((_, v)), _) => v.extend(expand.map(|x| Mapping {
-                    origin_begin: x.0,
-                    data_begin: x.1,
-                    len: 1,
-                    time: x.2,
-                })),
-                (None, Some((_, v))) => v.extend(expand),
-                _ => panic!("mapping outside def/device"),
-            }
-            Ok(())
-        }
-        fn reference(&mut self, name: &str) -> io::Result<()> {
-            self.refs += 1;
-            let d = &self.defs[name];
-            let v = &mut self.dev.as_mut().unwrap().1;
-            v.extend(d.iter().map(|m| (m.origin_begin, m.data_begin, m.time)));
-            Ok(())
-        }
-        fn finish(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::thin::dump::testutil::Collect;
 
     #[test]
     fn prng_is_stable() {

@@ -1266,67 +1266,7 @@ mod tests {
         assert!(model.is_empty());
     }
 
-    /// Collects the dumped devices, refs expanded.
-    #[derive(Default)]
-    struct Collect {
-        defs: HashMap<String, Vec<Mapping>>,
-        def: Option<(String, Vec<Mapping>)>,
-        dev: Option<(DeviceInfo, DevMap)>,
-        devs: BTreeMap<u64, (DeviceInfo, DevMap)>,
-    }
-
-    impl Collect {
-        fn add(&mut self, m: &Mapping) {
-            if let Some((_, v)) = &mut self.def {
-                v.push(*m);
-                return;
-            }
-            let (_, maps) = self.dev.as_mut().unwrap();
-            for i in 0..m.len {
-                maps.insert(m.origin_begin + i, (m.data_begin + i, m.time));
-            }
-        }
-    }
-
-    impl MetadataVisitor for Collect {
-        fn superblock_begin(&mut self, _: &SuperblockInfo) -> io::Result<()> {
-            Ok(())
-        }
-        fn superblock_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_begin(&mut self, name: &str) -> io::Result<()> {
-            self.def = Some((name.to_string(), Vec::new()));
-            Ok(())
-        }
-        fn def_end(&mut self) -> io::Result<()> {
-            let (n, v) = self.def.take().unwrap();
-            self.defs.insert(n, v);
-            Ok(())
-        }
-        fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
-            self.dev = Some((*d, DevMap::new()));
-            Ok(())
-        }
-        fn device_end(&mut self) -> io::Result<()> {
-            let (d, m) = self.dev.take().unwrap();
-            self.devs.insert(d.dev_id, (d, m));
-            Ok(())
-        }
-        fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
-            self.add(m);
-            Ok(())
-        }
-        fn reference(&mut self, name: &str) -> io::Result<()> {
-            for m in self.defs[name].clone() {
-                self.add(&m);
-            }
-            Ok(())
-        }
-        fn finish(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::thin::dump::testutil::Collect;
 
     struct Scenario {
         _file: tempfile::NamedTempFile,
@@ -1615,7 +1555,8 @@ mod tests {
         );
         for (id, d) in devs {
             let (info, maps) = &c.devs[id];
-            assert!(maps == &d.maps, "mappings of device {id}");
+            let maps: DevMap = maps.iter().map(|&(v, b, t)| (v, (b, t))).collect();
+            assert!(maps == d.maps, "mappings of device {id}");
             assert_eq!(info.mapped_blocks, d.details.mapped_blocks, "device {id}");
             assert_eq!(info.creation_time, d.details.creation_time as u64);
             assert_eq!(info.snap_time, d.details.snapshotted_time as u64);
