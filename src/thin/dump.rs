@@ -730,7 +730,9 @@ pub(crate) mod testutil {
 
     /// A device and its mappings, one (virtual, data, time) a block, in
     /// the order the dump gave them.
-    pub type DevMaps = (DeviceInfo, Vec<(u64, u64, u32)>);
+    pub type DevMaps = (DeviceInfo, Blocks);
+    /// (virtual, data, time), one a block.
+    pub type Blocks = Vec<(u64, u64, u32)>;
 
     #[derive(Default)]
     pub struct Collect {
@@ -738,8 +740,8 @@ pub(crate) mod testutil {
         pub devs: BTreeMap<u64, DevMaps>,
         /// How many `<ref>`s the dump held.
         pub refs: u64,
-        defs: HashMap<String, Vec<(u64, u64, u32)>>,
-        def: Option<(String, Vec<(u64, u64, u32)>)>,
+        defs: HashMap<String, Blocks>,
+        def: Option<(String, Blocks)>,
         dev: Option<DevMaps>,
     }
 
