@@ -17,14 +17,16 @@
 # ${BENCH_DIR:-<repo>/target/bench}, and dumped once to XML (the input of thin_restore).
 # Both are kept and regenerated only when missing, or when the parameters or the
 # generator's model (src/thin/generate.rs) changed.  Measured: the baseline
-# `cat large.bin > /dev/null`, thin_check, thin_dump (to /dev/null), thin_restore (the XML
-# into a preallocated 2 GiB file), thin_repair (the image into that file), and
-# thin_generate_metadata itself (into that file).  The output file's block 0 is zeroed
-# before each run that writes it (not timed), so every run writes a pool onto a device
-# that holds none, as on a fresh metadata volume.
+# `cat large.bin > /dev/null`, thin_check, thin_dump (to /dev/null), thin_delta of two
+# snapshots of one origin from consecutive epochs (devices 5 and 9; also with
+# --changes-only), thin_restore (the XML into a preallocated 2 GiB file), thin_repair
+# (the image into that file), and thin_generate_metadata itself (into that file).  The
+# output file's block 0 is zeroed before each run that writes it (not timed), so every run
+# writes a pool onto a device that holds none, as on a fresh metadata volume.
 #
 # Image set: for every command one warm-up run, then REPS timed runs.  Large set: one
-# warm-up run for thin_check and thin_dump only.  Every timed run is started through
+# warm-up run for thin_check, thin_dump and thin_delta only.  Every timed run is started
+# through
 #   /usr/bin/time -f '%e %U %S %M'
 # Reported figures:
 #   wall  - bash $EPOCHREALTIME around the /usr/bin/time invocation (microsecond
@@ -57,6 +59,10 @@ LARGE_TARGET_CHECK=(0.7 64)
 LARGE_TARGET_DUMP=(2.5 -)
 LARGE_TARGET_RESTORE=(2 128)
 LARGE_TARGET_REPAIR=(5 -)
+LARGE_TARGET_DELTA=(0.1 -)
+# thin_delta: two snapshots of origin 1 from consecutive epochs (ids: origins 1-4,
+# then epoch e's snapshot of origin o is 4*e + o: 5 and 9).
+LARGE_DELTA_DEVS=(--thin1 5 --thin2 9)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(git -C "$here" rev-parse --show-toplevel 2>/dev/null || (cd "$here/.." && pwd))
@@ -444,10 +450,12 @@ if [[ $run_large -eq 1 && $large_ok -eq 1 ]]; then
     for ((i = 0; i < large_reps; i++)); do measure lxmlcat cat "$lxml"; done
 
     # read-only tools: one warm-up, then timed runs
-    for t in check dump; do
+    for t in check dump delta delta_changes_only; do
         case $t in
             check) cmd=("$bin" thin_check "$limg") ;;
             dump)  cmd=("$bin" thin_dump "$limg") ;;
+            delta) cmd=("$bin" thin_delta "${LARGE_DELTA_DEVS[@]}" "$limg") ;;
+            delta_changes_only) cmd=("$bin" thin_delta --changes-only "${LARGE_DELTA_DEVS[@]}" "$limg") ;;
         esac
         out_bytes=$("${cmd[@]}" 2>"$scratch/stderr" | wc -c)
         wrc=${PIPESTATUS[0]}
@@ -490,12 +498,16 @@ if [[ $run_large -eq 1 && $large_ok -eq 1 ]]; then
     large_row "(cat XML, for reference)" lxmlcat - - -
     large_row "thin_check" lcheck "${LARGE_TARGET_CHECK[@]}" thin_check
     large_row "thin_dump > /dev/null" ldump "${LARGE_TARGET_DUMP[@]}" thin_dump
+    large_row "thin_delta (5 vs 9)" ldelta "${LARGE_TARGET_DELTA[@]}" thin_delta
+    large_row "thin_delta --changes-only" ldelta_changes_only - - -
     large_row "thin_restore XML -> file" lrestore "${LARGE_TARGET_RESTORE[@]}" thin_restore
     large_row "thin_repair image -> file" lrepair "${LARGE_TARGET_REPAIR[@]}" thin_repair
     large_row "thin_generate_metadata" lgen - - -
     echo
     echo "targets (large): thin_check <= ${LARGE_TARGET_CHECK[0]} s and <= ${LARGE_TARGET_CHECK[1]} MiB; thin_dump <= ${LARGE_TARGET_DUMP[0]} s;"
-    echo "  thin_restore <= ${LARGE_TARGET_RESTORE[0]} s and <= ${LARGE_TARGET_RESTORE[1]} MiB; thin_repair <= ${LARGE_TARGET_REPAIR[0]} s (median wall, peak RSS)."
+    echo "  thin_restore <= ${LARGE_TARGET_RESTORE[0]} s and <= ${LARGE_TARGET_RESTORE[1]} MiB; thin_repair <= ${LARGE_TARGET_REPAIR[0]} s;"
+    echo "  thin_delta <= ${LARGE_TARGET_DELTA[0]} s (median wall, peak RSS). thin_delta compares two snapshots of one origin"
+    echo "  from consecutive epochs (the peer's figure: its own choice of devices on its large pool)."
     echo "peer: thin-provisioning-tools on the peer's own large pool (gen_thin_xml.py, same parameters,"
     echo "  same figures: 24 devices, 152.6 M mappings, 45.7 M distinct), from $(basename "$peer_md")."
     echo "  Writers' wall includes the final fsync of ~790 MiB of metadata."

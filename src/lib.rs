@@ -7,5 +7,6 @@
 //! - [`cli`]: one module per command: options in, library call, exit code out.
 
 pub mod cli;
+pub mod dm;
 pub mod pdata;
 pub mod thin;

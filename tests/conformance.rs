@@ -12,6 +12,17 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
+/// The tools whose recorded steps are replayed.
+const REPLAYED: &[&str] = &[
+    "thin_check",
+    "thin_delta",
+    "thin_dump",
+    "thin_ls",
+    "thin_repair",
+    "thin_restore",
+    "thin_rmap",
+];
+
 struct Step {
     name: String,
     rc: i32,
@@ -48,7 +59,7 @@ fn replay(dir: &Path, image_dir: &Path, scratch: &Path) -> (usize, Vec<String>) 
     let mut failures = Vec::new();
     let mut n = 0;
     for s in steps(dir) {
-        if !["thin_dump", "thin_check", "thin_repair", "thin_restore"].contains(&s.tool.as_str()) {
+        if !REPLAYED.contains(&s.tool.as_str()) {
             continue;
         }
         let mut args: Vec<String> = Vec::new();

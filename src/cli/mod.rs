@@ -9,10 +9,15 @@
 
 pub mod progress;
 pub mod thin_check;
+pub mod thin_delta;
 pub mod thin_dump;
 pub mod thin_generate_metadata;
+pub mod thin_ls;
+pub mod thin_message;
+pub mod thin_metadata_size;
 pub mod thin_repair;
 pub mod thin_restore;
+pub mod thin_rmap;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -51,10 +56,15 @@ pub type ToolMain = fn(&'static str, Vec<OsString>) -> i32;
 /// The tools, by the name they are called as.
 pub const TOOLS: &[(&str, ToolMain)] = &[
     ("thin_check", thin_check::main),
+    ("thin_delta", thin_delta::main),
     ("thin_dump", thin_dump::main),
     ("thin_generate_metadata", thin_generate_metadata::main),
+    ("thin_ls", thin_ls::main),
+    ("thin_message", thin_message::main),
+    ("thin_metadata_size", thin_metadata_size::main),
     ("thin_repair", thin_repair::main),
     ("thin_restore", thin_restore::main),
+    ("thin_rmap", thin_rmap::main),
 ];
 
 /// Multi-call entry: dispatch on argv[0]'s basename, or on the first

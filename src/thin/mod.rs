@@ -1,12 +1,17 @@
 //! dm-thin metadata: superblock, devices, mapping trees, and the tools' logic.
 
 pub mod check;
+pub mod delta;
 pub mod device;
 pub mod dump;
 pub mod generate;
+pub mod ls;
+pub mod message;
 pub mod metadata;
+pub mod metadata_size;
 pub mod repair;
 pub mod restore;
+pub mod rmap;
 pub mod runs;
 pub mod superblock;
 pub mod xml_read;

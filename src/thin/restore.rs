@@ -424,7 +424,7 @@ where
         .with_data_counts(data_counts);
     feed(&mut b, Pass::Write).map_err(|e| {
         // Only if the input changed between the passes.
-        e.noting(if avoid_kept(protected, invalidate) {
+        e.noting(if protected && !invalidate {
             "interrupted while writing: the output's previous metadata is intact"
         } else {
             "interrupted while writing: the output holds no valid metadata"
@@ -433,10 +433,6 @@ where
     let (built, _) = b.finish().map_err(BuildError::Metadata)?;
     commit(&mut w, dev, &built.superblock).map_err(BuildError::Metadata)?;
     Ok(built)
-}
-
-fn avoid_kept(protected: bool, invalidated: bool) -> bool {
-    protected && !invalidated
 }
 
 /// Which run of [`build_pool`] a feed is serving.

@@ -1,0 +1,95 @@
+//! The device-mapper control interface (`/dev/mapper/control` ioctls), for
+//! the few things the tools ask of a live kernel: sending a target message.
+
+use std::fs::OpenOptions;
+use std::os::unix::io::AsRawFd;
+
+/// `struct dm_ioctl` (include/uapi/linux/dm-ioctl.h): 312 bytes.
+const DM_IOCTL_SIZE: usize = 312;
+const DM_NAME_LEN: usize = 128;
+const DM_VERSION_MAJOR: u32 = 4;
+const DM_IOCTL_TYPE: u64 = 0xfd;
+const DM_TARGET_MSG_CMD: u64 = 14;
+/// `DM_DATA_OUT_FLAG`: the kernel put a reply in the buffer.
+const DM_DATA_OUT_FLAG: u32 = 1 << 16;
+/// `DM_BUFFER_FULL_FLAG`: the reply did not fit.
+const DM_BUFFER_FULL_FLAG: u32 = 1 << 8;
+
+/// `_IOWR(0xfd, cmd, struct dm_ioctl)`.
+const fn iowr(cmd: u64) -> u64 {
+    (3 << 30) | ((DM_IOCTL_SIZE as u64) << 16) | (DM_IOCTL_TYPE << 8) | cmd
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DmError {
+    #[error("cannot open /dev/mapper/control: {0}")]
+    Control(std::io::Error),
+    #[error("device name '{0}' is too long (at most 127 bytes)")]
+    NameTooLong(String),
+    #[error("message to {name} failed: {source}")]
+    Message {
+        name: String,
+        source: std::io::Error,
+    },
+}
+
+/// Send `message` to sector 0 of the device-mapper device `name` (what
+/// `dmsetup message NAME 0 MESSAGE` does). Returns the target's reply, if any.
+pub fn target_message(name: &str, message: &str) -> Result<Option<String>, DmError> {
+    if name.len() >= DM_NAME_LEN {
+        return Err(DmError::NameTooLong(name.into()));
+    }
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/mapper/control")
+        .map_err(DmError::Control)?;
+    // dm_ioctl, then struct dm_target_msg { u64 sector; char message[]; },
+    // with room for a reply.
+    let data_start = DM_IOCTL_SIZE;
+    let size = (data_start + 8 + message.len() + 1).max(16 * 1024);
+    let mut buf = vec![0u8; size];
+    let put32 =
+        |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    put32(&mut buf, 0, DM_VERSION_MAJOR);
+    put32(&mut buf, 4, 0);
+    put32(&mut buf, 8, 0);
+    put32(&mut buf, 12, size as u32); // data_size
+    put32(&mut buf, 16, data_start as u32); // data_start
+    buf[48..48 + name.len()].copy_from_slice(name.as_bytes());
+    // sector 0 (already zero), then the message, NUL-terminated.
+    let m = data_start + 8;
+    buf[m..m + message.len()].copy_from_slice(message.as_bytes());
+    // SAFETY: the buffer is a dm_ioctl followed by its data, `size` bytes
+    // long as data_size says; the kernel writes only within data_size.
+    let r = unsafe {
+        libc::ioctl(
+            control.as_raw_fd(),
+            iowr(DM_TARGET_MSG_CMD) as libc::c_ulong,
+            buf.as_mut_ptr(),
+        )
+    };
+    if r < 0 {
+        return Err(DmError::Message {
+            name: name.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let flags = u32::from_le_bytes(buf[28..32].try_into().unwrap());
+    if flags & DM_DATA_OUT_FLAG == 0 || flags & DM_BUFFER_FULL_FLAG != 0 {
+        return Ok(None);
+    }
+    let start = u32::from_le_bytes(buf[16..20].try_into().unwrap()) as usize;
+    let reply = &buf[start.min(size)..];
+    let end = reply.iter().position(|&c| c == 0).unwrap_or(reply.len());
+    Ok(Some(String::from_utf8_lossy(&reply[..end]).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_ioctl_number_is_dm_target_msg() {
+        // DM_TARGET_MSG as the kernel headers define it on x86_64.
+        assert_eq!(super::iowr(super::DM_TARGET_MSG_CMD), 0xc138_fd0e);
+    }
+}
