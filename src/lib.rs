@@ -4,9 +4,11 @@
 //! - [`pdata`]: the persistent-data library (block I/O, checksums, btrees, space maps).
 //!   It knows nothing of thin provisioning.
 //! - [`thin`]: dm-thin metadata on top of `pdata` (superblock, devices, dump, check).
+//! - [`snapshot`]: dm-snapshot persistent COW stores (read, check, dump, merge).
 //! - [`cli`]: one module per command: options in, library call, exit code out.
 
 pub mod cli;
 pub mod dm;
 pub mod pdata;
+pub mod snapshot;
 pub mod thin;

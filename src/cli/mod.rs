@@ -8,11 +8,16 @@
 //! 75 device busy (in use by a live pool).
 
 pub mod progress;
+pub mod snap_check;
+pub mod snap_dump;
+pub mod snap_merge;
 pub mod thin_check;
 pub mod thin_delta;
 pub mod thin_dump;
+pub mod thin_extract;
 pub mod thin_generate_metadata;
 pub mod thin_ls;
+pub mod thin_merge;
 pub mod thin_message;
 pub mod thin_metadata_size;
 pub mod thin_repair;
@@ -50,16 +55,54 @@ impl Failure {
     }
 }
 
+/// What a tool's run returns on success: nothing (exit 0) or an exit code.
+pub trait ToolExit {
+    fn code(self) -> i32;
+}
+impl ToolExit for () {
+    fn code(self) -> i32 {
+        EXIT_OK
+    }
+}
+impl ToolExit for i32 {
+    fn code(self) -> i32 {
+        self
+    }
+}
+
+/// A tool's life: parse `args` with `cmd`, run, and report a failure as
+/// one line on stderr with its exit code.
+pub fn run_tool<T: ToolExit>(
+    name: &str,
+    args: Vec<OsString>,
+    cmd: clap::Command,
+    run: impl FnOnce(&clap::ArgMatches) -> Result<T, Failure>,
+) -> i32 {
+    let m = match parse_args(cmd, args) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    match run(&m) {
+        Ok(t) => t.code(),
+        Err(f) => report(name, f),
+    }
+}
+
 /// A tool's entry point: its name and its full argv (argv[0] first).
 pub type ToolMain = fn(&'static str, Vec<OsString>) -> i32;
 
 /// The tools, by the name they are called as.
 pub const TOOLS: &[(&str, ToolMain)] = &[
+    ("snap_check", snap_check::main),
+    ("snap_dump", snap_dump::main),
+    ("snap_merge", snap_merge::main),
     ("thin_check", thin_check::main),
     ("thin_delta", thin_delta::main),
     ("thin_dump", thin_dump::main),
+    ("thin_extract", thin_extract::main),
     ("thin_generate_metadata", thin_generate_metadata::main),
     ("thin_ls", thin_ls::main),
+    ("thin_merge", thin_merge::main),
     ("thin_message", thin_message::main),
     ("thin_metadata_size", thin_metadata_size::main),
     ("thin_repair", thin_repair::main),

@@ -37,14 +37,7 @@ fn command(name: &'static str) -> Command {
 }
 
 pub fn main(name: &'static str, args: Vec<OsString>) -> i32 {
-    let m = match parse_args(command(name), args) {
-        Ok(m) => m,
-        Err(code) => return code,
-    };
-    match run(&m) {
-        Ok(()) => EXIT_OK,
-        Err(f) => report(name, f),
-    }
+    run_tool(name, args, command(name), run)
 }
 
 fn run(m: &clap::ArgMatches) -> Result<(), Failure> {

@@ -38,7 +38,7 @@ use crate::pdata::btree::{Node, Walker, MAX_HEIGHT};
 use crate::pdata::error::Error as PError;
 use crate::pdata::io::BlockDevice;
 use crate::pdata::BLOCK_SIZE;
-use crate::thin::dump::select_superblock;
+use crate::thin::dump::{select_superblock, XmlLines};
 use crate::thin::superblock::NEEDS_CHECK_FLAG;
 use crate::thin::Error;
 
@@ -946,65 +946,29 @@ impl RunBuilder {
 /// elements that also give the data blocks. With `changes_only`, `same`
 /// runs are left out (and so are their groups).
 pub struct XmlDeltaWriter<W: Write> {
-    w: W,
+    x: XmlLines<W>,
     verbose: bool,
     changes_only: bool,
-    depth: usize,
-    started: bool,
     group: Option<Kind>,
 }
 
 impl<W: Write> XmlDeltaWriter<W> {
     pub fn new(w: W, verbose: bool, changes_only: bool) -> Self {
         XmlDeltaWriter {
-            w,
+            x: XmlLines::new(w),
             verbose,
             changes_only,
-            depth: 0,
-            started: false,
             group: None,
         }
     }
 
     pub fn into_inner(self) -> W {
-        self.w
-    }
-
-    fn line(&mut self) -> io::Result<()> {
-        if self.started {
-            self.w.write_all(b"\n")?;
-        }
-        self.started = true;
-        const SPACES: &[u8] = &[b' '; 16];
-        let mut n = self.depth * 2;
-        while n > 0 {
-            let k = n.min(SPACES.len());
-            self.w.write_all(&SPACES[..k])?;
-            n -= k;
-        }
-        Ok(())
-    }
-
-    fn attr(&mut self, name: &str, v: u64) -> io::Result<()> {
-        let mut b = itoa::Buffer::new();
-        self.w.write_all(b" ")?;
-        self.w.write_all(name.as_bytes())?;
-        self.w.write_all(b"=\"")?;
-        self.w.write_all(b.format(v).as_bytes())?;
-        self.w.write_all(b"\"")
-    }
-
-    fn close(&mut self, tag: &str) -> io::Result<()> {
-        self.depth -= 1;
-        self.line()?;
-        self.w.write_all(b"</")?;
-        self.w.write_all(tag.as_bytes())?;
-        self.w.write_all(b">")
+        self.x.into_inner()
     }
 
     fn close_group(&mut self) -> io::Result<()> {
         if let Some(g) = self.group.take() {
-            self.close(g.name())?;
+            self.x.close(g.name())?;
         }
         Ok(())
     }
@@ -1012,29 +976,29 @@ impl<W: Write> XmlDeltaWriter<W> {
 
 impl<W: Write> DeltaVisitor for XmlDeltaWriter<W> {
     fn begin(&mut self, h: &DeltaHeader) -> io::Result<()> {
-        self.line()?;
-        self.w.write_all(b"<superblock uuid=\"\"")?;
-        self.attr("time", h.time)?;
-        self.attr("transaction", h.transaction)?;
+        self.x.line()?;
+        self.x.w.write_all(b"<superblock uuid=\"\"")?;
+        self.x.attr("time", h.time)?;
+        self.x.attr("transaction", h.transaction)?;
         if h.flags & NEEDS_CHECK_FLAG != 0 {
-            self.attr("flags", 1)?;
+            self.x.attr("flags", 1)?;
         }
-        self.attr("data_block_size", h.data_block_size as u64)?;
-        self.attr("nr_data_blocks", h.nr_data_blocks)?;
-        self.w.write_all(b">")?;
-        self.depth += 1;
-        self.line()?;
-        self.w.write_all(b"<diff")?;
+        self.x.attr("data_block_size", h.data_block_size as u64)?;
+        self.x.attr("nr_data_blocks", h.nr_data_blocks)?;
+        self.x.w.write_all(b">")?;
+        self.x.depth += 1;
+        self.x.line()?;
+        self.x.w.write_all(b"<diff")?;
         match h.left {
-            Target::Device(id) => self.attr("left", id)?,
-            Target::Root(b) => self.attr("left_root", b)?,
+            Target::Device(id) => self.x.attr("left", id)?,
+            Target::Root(b) => self.x.attr("left_root", b)?,
         }
         match h.right {
-            Target::Device(id) => self.attr("right", id)?,
-            Target::Root(b) => self.attr("right_root", b)?,
+            Target::Device(id) => self.x.attr("right", id)?,
+            Target::Root(b) => self.x.attr("right_root", b)?,
         }
-        self.w.write_all(b">")?;
-        self.depth += 1;
+        self.x.w.write_all(b">")?;
+        self.x.depth += 1;
         Ok(())
     }
 
@@ -1043,33 +1007,33 @@ impl<W: Write> DeltaVisitor for XmlDeltaWriter<W> {
             return self.same_skipped();
         }
         if !self.verbose {
-            self.line()?;
-            self.w.write_all(b"<")?;
-            self.w.write_all(r.kind.name().as_bytes())?;
-            self.attr("begin", r.begin)?;
-            self.attr("length", r.len)?;
-            return self.w.write_all(b"/>");
+            self.x.line()?;
+            self.x.w.write_all(b"<")?;
+            self.x.w.write_all(r.kind.name().as_bytes())?;
+            self.x.attr("begin", r.begin)?;
+            self.x.attr("length", r.len)?;
+            return self.x.w.write_all(b"/>");
         }
         if self.group != Some(r.kind) {
             self.close_group()?;
-            self.line()?;
-            self.w.write_all(b"<")?;
-            self.w.write_all(r.kind.name().as_bytes())?;
-            self.w.write_all(b">")?;
-            self.depth += 1;
+            self.x.line()?;
+            self.x.w.write_all(b"<")?;
+            self.x.w.write_all(r.kind.name().as_bytes())?;
+            self.x.w.write_all(b">")?;
+            self.x.depth += 1;
             self.group = Some(r.kind);
         }
-        self.line()?;
-        self.w.write_all(b"<range")?;
-        self.attr("begin", r.begin)?;
+        self.x.line()?;
+        self.x.w.write_all(b"<range")?;
+        self.x.attr("begin", r.begin)?;
         if r.kind == Kind::Different {
-            self.attr("left_data_begin", r.data)?;
-            self.attr("right_data_begin", r.right_data)?;
+            self.x.attr("left_data_begin", r.data)?;
+            self.x.attr("right_data_begin", r.right_data)?;
         } else {
-            self.attr("data_begin", r.data)?;
+            self.x.attr("data_begin", r.data)?;
         }
-        self.attr("length", r.len)?;
-        self.w.write_all(b"/>")
+        self.x.attr("length", r.len)?;
+        self.x.w.write_all(b"/>")
     }
 
     fn same_skipped(&mut self) -> io::Result<()> {
@@ -1078,9 +1042,9 @@ impl<W: Write> DeltaVisitor for XmlDeltaWriter<W> {
 
     fn end(&mut self) -> io::Result<()> {
         self.close_group()?;
-        self.close("diff")?;
-        self.close("superblock")?;
-        self.w.flush()
+        self.x.close("diff")?;
+        self.x.close("superblock")?;
+        self.x.w.flush()
     }
 }
 

@@ -364,24 +364,25 @@ impl RunBuilder {
 //------------------------------------------------------------------------------
 // Writers
 
-/// The peer's XML: two-space indent, one element a line, no declaration and
-/// no trailing newline.
-pub struct XmlWriter<W: Write> {
-    w: W,
-    depth: usize,
+/// Lines of the peer's XML: two spaces of indent a level, one element a
+/// line, no declaration and no trailing newline. Shared by every XML writer.
+pub struct XmlLines<W: Write> {
+    pub w: W,
+    pub depth: usize,
     started: bool,
 }
 
-impl<W: Write> XmlWriter<W> {
+impl<W: Write> XmlLines<W> {
     pub fn new(w: W) -> Self {
-        XmlWriter {
+        XmlLines {
             w,
             depth: 0,
             started: false,
         }
     }
 
-    fn open_line(&mut self) -> io::Result<()> {
+    /// Start a line at the current depth.
+    pub fn line(&mut self) -> io::Result<()> {
         if self.started {
             self.w.write_all(b"\n")?;
         }
@@ -396,7 +397,7 @@ impl<W: Write> XmlWriter<W> {
         Ok(())
     }
 
-    fn attr_u64(&mut self, name: &str, v: u64) -> io::Result<()> {
+    pub fn attr(&mut self, name: &str, v: u64) -> io::Result<()> {
         let mut b = itoa::Buffer::new();
         self.w.write_all(b" ")?;
         self.w.write_all(name.as_bytes())?;
@@ -405,7 +406,7 @@ impl<W: Write> XmlWriter<W> {
         self.w.write_all(b"\"")
     }
 
-    fn attr_str(&mut self, name: &str, v: &str) -> io::Result<()> {
+    pub fn attr_str(&mut self, name: &str, v: &str) -> io::Result<()> {
         self.w.write_all(b" ")?;
         self.w.write_all(name.as_bytes())?;
         self.w.write_all(b"=\"")?;
@@ -413,9 +414,10 @@ impl<W: Write> XmlWriter<W> {
         self.w.write_all(b"\"")
     }
 
-    fn end_tag(&mut self, tag: &str) -> io::Result<()> {
+    /// A closing tag on its own line, one level up.
+    pub fn close(&mut self, tag: &str) -> io::Result<()> {
         self.depth -= 1;
-        self.open_line()?;
+        self.line()?;
         self.w.write_all(b"</")?;
         self.w.write_all(tag.as_bytes())?;
         self.w.write_all(b">")
@@ -423,6 +425,24 @@ impl<W: Write> XmlWriter<W> {
 
     pub fn into_inner(self) -> W {
         self.w
+    }
+}
+
+/// The peer's XML: two-space indent, one element a line, no declaration and
+/// no trailing newline.
+pub struct XmlWriter<W: Write> {
+    x: XmlLines<W>,
+}
+
+impl<W: Write> XmlWriter<W> {
+    pub fn new(w: W) -> Self {
+        XmlWriter {
+            x: XmlLines::new(w),
+        }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.x.into_inner()
     }
 }
 
@@ -445,74 +465,74 @@ fn write_escaped(w: &mut impl Write, s: &str) -> io::Result<()> {
 
 impl<W: Write> MetadataVisitor for XmlWriter<W> {
     fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
-        self.open_line()?;
-        self.w.write_all(b"<superblock")?;
-        self.attr_str("uuid", &sb.uuid)?;
-        self.attr_u64("time", sb.time)?;
-        self.attr_u64("transaction", sb.transaction)?;
+        self.x.line()?;
+        self.x.w.write_all(b"<superblock")?;
+        self.x.attr_str("uuid", &sb.uuid)?;
+        self.x.attr("time", sb.time)?;
+        self.x.attr("transaction", sb.transaction)?;
         if sb.flags != 0 {
-            self.attr_u64("flags", sb.flags as u64)?;
+            self.x.attr("flags", sb.flags as u64)?;
         }
-        self.attr_u64("version", sb.version as u64)?;
-        self.attr_u64("data_block_size", sb.data_block_size as u64)?;
+        self.x.attr("version", sb.version as u64)?;
+        self.x.attr("data_block_size", sb.data_block_size as u64)?;
         // The peer never prints metadata_snap; neither do we (byte identity).
-        self.attr_u64("nr_data_blocks", sb.nr_data_blocks)?;
-        self.w.write_all(b">")?;
-        self.depth += 1;
+        self.x.attr("nr_data_blocks", sb.nr_data_blocks)?;
+        self.x.w.write_all(b">")?;
+        self.x.depth += 1;
         Ok(())
     }
     fn superblock_end(&mut self) -> io::Result<()> {
-        self.end_tag("superblock")
+        self.x.close("superblock")
     }
     fn def_begin(&mut self, name: &str) -> io::Result<()> {
-        self.open_line()?;
-        self.w.write_all(b"<def")?;
-        self.attr_str("name", name)?;
-        self.w.write_all(b">")?;
-        self.depth += 1;
+        self.x.line()?;
+        self.x.w.write_all(b"<def")?;
+        self.x.attr_str("name", name)?;
+        self.x.w.write_all(b">")?;
+        self.x.depth += 1;
         Ok(())
     }
     fn def_end(&mut self) -> io::Result<()> {
-        self.end_tag("def")
+        self.x.close("def")
     }
     fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()> {
-        self.open_line()?;
-        self.w.write_all(b"<device")?;
-        self.attr_u64("dev_id", d.dev_id)?;
-        self.attr_u64("mapped_blocks", d.mapped_blocks)?;
-        self.attr_u64("transaction", d.transaction)?;
-        self.attr_u64("creation_time", d.creation_time)?;
-        self.attr_u64("snap_time", d.snap_time)?;
-        self.w.write_all(b">")?;
-        self.depth += 1;
+        self.x.line()?;
+        self.x.w.write_all(b"<device")?;
+        self.x.attr("dev_id", d.dev_id)?;
+        self.x.attr("mapped_blocks", d.mapped_blocks)?;
+        self.x.attr("transaction", d.transaction)?;
+        self.x.attr("creation_time", d.creation_time)?;
+        self.x.attr("snap_time", d.snap_time)?;
+        self.x.w.write_all(b">")?;
+        self.x.depth += 1;
         Ok(())
     }
     fn device_end(&mut self) -> io::Result<()> {
-        self.end_tag("device")
+        self.x.close("device")
     }
     fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
-        self.open_line()?;
+        self.x.line()?;
         if m.len == 1 {
-            self.w.write_all(b"<single_mapping")?;
-            self.attr_u64("origin_block", m.origin_begin)?;
-            self.attr_u64("data_block", m.data_begin)?;
+            self.x.w.write_all(b"<single_mapping")?;
+            self.x.attr("origin_block", m.origin_begin)?;
+            self.x.attr("data_block", m.data_begin)?;
         } else {
-            self.w.write_all(b"<range_mapping")?;
-            self.attr_u64("origin_begin", m.origin_begin)?;
-            self.attr_u64("data_begin", m.data_begin)?;
-            self.attr_u64("length", m.len)?;
+            self.x.w.write_all(b"<range_mapping")?;
+            self.x.attr("origin_begin", m.origin_begin)?;
+            self.x.attr("data_begin", m.data_begin)?;
+            self.x.attr("length", m.len)?;
         }
-        self.attr_u64("time", m.time as u64)?;
-        self.w.write_all(b"/>")
+        self.x.attr("time", m.time as u64)?;
+        self.x.w.write_all(b"/>")
     }
     fn reference(&mut self, name: &str) -> io::Result<()> {
-        self.open_line()?;
-        self.w.write_all(b"<ref")?;
-        self.attr_str("name", name)?;
-        self.w.write_all(b"/>")
+        self.x.line()?;
+        self.x.w.write_all(b"<ref")?;
+        self.x.attr_str("name", name)?;
+        self.x.w.write_all(b"/>")
     }
     fn finish(&mut self) -> io::Result<()> {
-        self.w.flush()
+        self.x.w.flush()
     }
 }
 
