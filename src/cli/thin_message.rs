@@ -48,14 +48,26 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
         Message::parse(&words).map_err(|e| Failure::new(EXIT_USAGE, e.to_string()))?;
         let text = words.join(" ");
         let reply = crate::dm::target_message(pool, &text).map_err(|e| {
+            // The kernel's refusals (an id in use, a missing device, a second
+            // metadata snapshot, a wrong old transaction id) are usage errors
+            // as offline; a missing pool is a missing device.
             let code = match &e {
                 crate::dm::DmError::Message { source, .. }
                     if source.raw_os_error() == Some(libc::ENXIO) =>
                 {
                     EXIT_NO_INPUT
                 }
+                crate::dm::DmError::Message { source, .. }
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::EEXIST | libc::ENODATA | libc::EINVAL | libc::EBUSY)
+                    ) =>
+                {
+                    EXIT_USAGE
+                }
                 crate::dm::DmError::NameTooLong(_) => EXIT_USAGE,
-                _ => EXIT_DAMAGED,
+                crate::dm::DmError::Control(_) => EXIT_NO_INPUT,
+                _ => EXIT_IO,
             };
             Failure::new(code, e.to_string())
         })?;
