@@ -218,6 +218,28 @@ pub fn delta(
     opts: &DeltaOptions,
     out: &mut dyn DeltaVisitor,
 ) -> Result<DeltaStats, DeltaError> {
+    delta_with(dev, opts, out, false)
+}
+
+/// [`delta`] for copying what changed (thin_merge `--delta-from`): every
+/// run's data blocks continue too, so virtual block `begin + i` maps to data
+/// block `data + i` (and, for `Same` and `Different`, to `right_data + i` on
+/// the right). Runs are therefore shorter than the peer's; the sharing
+/// awareness (shared subtrees skipped with `changes_only`) is the same.
+pub fn delta_exact(
+    dev: &BlockDevice,
+    opts: &DeltaOptions,
+    out: &mut dyn DeltaVisitor,
+) -> Result<DeltaStats, DeltaError> {
+    delta_with(dev, opts, out, true)
+}
+
+fn delta_with(
+    dev: &BlockDevice,
+    opts: &DeltaOptions,
+    out: &mut dyn DeltaVisitor,
+    exact: bool,
+) -> Result<DeltaStats, DeltaError> {
     let (left, right) = (opts.left, opts.right);
     let sb = select_superblock(dev, opts.metadata_snap)?;
 
@@ -278,11 +300,12 @@ pub fn delta(
         Target::Root(b) => format!("mapping tree at block {b} ({opt})"),
     };
     out.begin(&header)?;
-    let stats = diff_trees(
+    let stats = diff_trees_with(
         dev,
         (lroot, context(left, "--root1")),
         (rroot, context(right, "--root2")),
         opts.changes_only,
+        exact,
         out,
     )?;
     out.end()?;
@@ -291,6 +314,7 @@ pub fn delta(
 
 /// Compare the bottom-level mapping trees at `left.0` and `right.0` (the
 /// strings name them in errors), sending the runs to `out`.
+#[cfg(test)]
 fn diff_trees(
     dev: &BlockDevice,
     left: (u64, String),
@@ -298,11 +322,23 @@ fn diff_trees(
     changes_only: bool,
     out: &mut dyn DeltaVisitor,
 ) -> Result<DeltaStats, DeltaError> {
+    diff_trees_with(dev, left, right, changes_only, false, out)
+}
+
+/// [`diff_trees`]; `exact`: runs also need continuing data blocks.
+fn diff_trees_with(
+    dev: &BlockDevice,
+    left: (u64, String),
+    right: (u64, String),
+    changes_only: bool,
+    exact: bool,
+    out: &mut dyn DeltaVisitor,
+) -> Result<DeltaStats, DeltaError> {
     let mut d = Differ {
         dev,
         changes_only,
         stats: DeltaStats::default(),
-        runs: RunBuilder::default(),
+        runs: RunBuilder { cur: None, exact },
         lister: Lister::default(),
     };
     d.run(left.0, right.0, left.1, right.1, out)?;
@@ -873,6 +909,14 @@ fn push_leaf(
         return Ok(());
     }
     let same = |d: u64| if kind == Kind::Same { d } else { 0 };
+    if runs.exact {
+        // One entry at a time: the builder joins them where the data continues.
+        for i in 0..n {
+            let d = leaf.value::<u64>(i) >> 24;
+            runs.push(kind, leaf.key(i), 1, d, same(d), out)?;
+        }
+        return Ok(());
+    }
     let first = leaf.key(0);
     if leaf.key(n - 1) - first == (n - 1) as u64 {
         // Dense (keys strictly increase): one stretch.
@@ -894,10 +938,13 @@ fn push_leaf(
 }
 
 /// Merges blocks into runs: same kind and consecutive virtual blocks (the
-/// data blocks need not continue).
+/// data blocks need not continue, unless `exact`).
 #[derive(Default)]
 struct RunBuilder {
     cur: Option<Run>,
+    /// Join only where the data blocks continue too (both sides' for `Same`
+    /// and `Different`).
+    exact: bool,
 }
 
 impl RunBuilder {
@@ -912,7 +959,11 @@ impl RunBuilder {
         out: &mut dyn DeltaVisitor,
     ) -> io::Result<()> {
         if let Some(c) = &mut self.cur {
-            if c.kind == kind && c.begin + c.len == begin {
+            let data_continues = !self.exact
+                || (c.data + c.len == data
+                    && (!matches!(kind, Kind::Same | Kind::Different)
+                        || c.right_data + c.len == right_data));
+            if c.kind == kind && c.begin + c.len == begin && data_continues {
                 c.len += len;
                 return Ok(());
             }
@@ -1634,5 +1685,35 @@ mod tests {
         assert_eq!(c.0.len(), 3);
         assert_eq!((c.0[0].begin, c.0[0].len, c.0[0].data), (0, 3, 10));
         assert_eq!((c.0[2].begin, c.0[2].len), (5, 1));
+    }
+
+    #[test]
+    fn exact_runs_need_continuing_data() {
+        struct Collect(Vec<Run>);
+        impl DeltaVisitor for Collect {
+            fn begin(&mut self, _: &DeltaHeader) -> io::Result<()> {
+                Ok(())
+            }
+            fn run(&mut self, r: &Run) -> io::Result<()> {
+                self.0.push(*r);
+                Ok(())
+            }
+            fn end(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut c = Collect(Vec::new());
+        let mut b = RunBuilder {
+            cur: None,
+            exact: true,
+        };
+        b.push(Kind::RightOnly, 0, 1, 10, 0, &mut c).unwrap();
+        b.push(Kind::RightOnly, 1, 1, 11, 0, &mut c).unwrap(); // continues
+        b.push(Kind::RightOnly, 2, 1, 99, 0, &mut c).unwrap(); // data jumps
+        b.push(Kind::Different, 3, 1, 5, 7, &mut c).unwrap();
+        b.push(Kind::Different, 4, 1, 6, 9, &mut c).unwrap(); // right side jumps
+        b.flush(&mut c).unwrap();
+        let got: Vec<_> = c.0.iter().map(|r| (r.begin, r.len, r.data)).collect();
+        assert_eq!(got, vec![(0, 2, 10), (2, 1, 99), (3, 1, 5), (4, 1, 6)]);
     }
 }

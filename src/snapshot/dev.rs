@@ -1,0 +1,270 @@
+//! Byte-addressed access to the two devices of a dm-snapshot: the COW store
+//! and the origin. Unlike thin metadata they are not made of 4 KiB blocks
+//! (chunks can be 512 bytes, an origin can end in a partial chunk), so this
+//! is a small layer of its own: `pread`/`pwrite` at byte offsets, a flush,
+//! and the open rules of the tools.
+//!
+//! [`Store`] is the interface the reader, checker and merger use; tests
+//! implement it in memory to model a disk's volatile write cache.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// What the snapshot code needs from a device.
+pub trait Store {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Fill `buf` from byte `offset`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write `buf` at byte `offset`. Not durable until [`Store::flush`].
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every completed write durable (the commit barrier).
+    fn flush(&self) -> io::Result<()>;
+    /// Start writing back `len` bytes at `offset` now, without waiting, so
+    /// that the next [`Store::flush`] has less left to do. Only a hint.
+    fn start_writeback(&self, _offset: u64, _len: u64) {}
+}
+
+/// How a tool opens a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Read only, shared with other users.
+    Read,
+    /// Read only; refuse a device something else holds (a live snapshot):
+    /// `O_EXCL` on a block device, a shared `flock` on a regular file.
+    ReadExclusive,
+    /// Read-write and exclusive (`O_EXCL`; an exclusive `flock` on a file).
+    WriteExclusive,
+}
+
+/// Why a device could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no such file or device")]
+    NotFound,
+    #[error("is a directory, not a device or image file")]
+    IsDirectory,
+    #[error("device is in use (held open by an active snapshot or origin, mounted, or locked by another snap_merge)")]
+    Busy,
+    #[error("permission denied")]
+    PermissionDenied,
+    #[error("is gzip-compressed; unpack it before writing to it")]
+    Compressed,
+    #[error("is a pipe or other stream; writing needs a file or block device")]
+    NotSeekable,
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+impl From<io::Error> for OpenError {
+    fn from(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => OpenError::NotFound,
+            Some(libc::EISDIR) => OpenError::IsDirectory,
+            Some(libc::EBUSY) | Some(libc::EWOULDBLOCK) => OpenError::Busy,
+            Some(libc::EACCES) | Some(libc::EPERM) => OpenError::PermissionDenied,
+            _ => OpenError::Io(e),
+        }
+    }
+}
+
+/// An open file or block device.
+pub struct Device {
+    file: File,
+    size: u64,
+    path: PathBuf,
+    writable: bool,
+}
+
+const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+
+impl Device {
+    /// Open `path`. Read-only opens accept a gzip-compressed image or a pipe
+    /// (copied into an unlinked temporary file first).
+    pub fn open(path: &Path, access: Access) -> Result<Device, OpenError> {
+        let md = std::fs::metadata(path)?;
+        if md.is_dir() {
+            return Err(OpenError::IsDirectory);
+        }
+        let is_blockdev = md.file_type().is_block_device();
+        let writable = access == Access::WriteExclusive;
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(writable);
+        // O_EXCL without O_CREAT: defined for block devices only, where it
+        // fails with EBUSY while the kernel (a dm table) or a mount holds it.
+        if is_blockdev && access != Access::Read {
+            opts.custom_flags(libc::O_EXCL);
+        }
+        let mut file = opts.open(path)?;
+        if md.file_type().is_file() && access != Access::Read {
+            // Regular files have no O_EXCL: an advisory lock keeps two
+            // snap_merge runs (or a merge and a dump) apart.
+            let op = if writable {
+                libc::LOCK_EX
+            } else {
+                libc::LOCK_SH
+            };
+            // SAFETY: flock on a descriptor we own.
+            if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
+                return Err(io::Error::last_os_error().into());
+            }
+        }
+        let size = match file.seek(SeekFrom::End(0)) {
+            Ok(s) => s,
+            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) && !writable => {
+                let mut tmp = tempfile::tempfile()?;
+                io::copy(&mut file, &mut tmp)?;
+                file = tmp;
+                file.seek(SeekFrom::End(0))?
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => return Err(OpenError::NotSeekable),
+            Err(e) => return Err(e.into()),
+        };
+        let mut size = size;
+        if !is_blockdev && size >= 2 {
+            let mut magic = [0u8; 2];
+            file.read_exact_at(&mut magic, 0)?;
+            if magic == GZIP_MAGIC {
+                if writable {
+                    return Err(OpenError::Compressed);
+                }
+                file = gunzip_to_tempfile(&file)?;
+                size = file.seek(SeekFrom::End(0))?;
+            }
+        }
+        Ok(Device {
+            file,
+            size,
+            path: path.to_path_buf(),
+            writable,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+}
+
+impl Store for Device {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "device was opened read-only",
+            ));
+        }
+        // Never grow a regular file: the device's size is part of its meaning.
+        if !matches!(offset.checked_add(buf.len() as u64), Some(end) if end <= self.size) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write past the end of the device",
+            ));
+        }
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn start_writeback(&self, offset: u64, len: u64) {
+        // SAFETY: a plain syscall on a descriptor we own; failure is harmless
+        // (the flush that follows does the work).
+        unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+}
+
+/// True when `a` and `b` are the same file or device (device and inode).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => {
+            (x.dev() == y.dev() && x.ino() == y.ino())
+                || (x.file_type().is_block_device()
+                    && y.file_type().is_block_device()
+                    && x.rdev() == y.rdev())
+        }
+        _ => false,
+    }
+}
+
+fn gunzip_to_tempfile(src: &File) -> io::Result<File> {
+    let mut src = src.try_clone()?;
+    src.seek(SeekFrom::Start(0))?;
+    let mut reader = flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, src));
+    let mut tmp = tempfile::tempfile()?;
+    io::copy(&mut reader, &mut tmp)?;
+    Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn exclusive_opens_of_a_file_exclude_each_other() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[7u8; 8192]).unwrap();
+        let w = Device::open(f.path(), Access::WriteExclusive).unwrap();
+        assert!(matches!(
+            Device::open(f.path(), Access::WriteExclusive),
+            Err(OpenError::Busy)
+        ));
+        assert!(matches!(
+            Device::open(f.path(), Access::ReadExclusive),
+            Err(OpenError::Busy)
+        ));
+        // A plain shared read is always allowed.
+        let r = Device::open(f.path(), Access::Read).unwrap();
+        assert_eq!(r.size(), 8192);
+        drop(w);
+        let _r2 = Device::open(f.path(), Access::ReadExclusive).unwrap();
+    }
+
+    #[test]
+    fn writes_never_grow_the_device() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&[0u8; 1000]).unwrap();
+        let d = Device::open(f.path(), Access::WriteExclusive).unwrap();
+        assert!(d.write_at(&[1u8; 10], 995).is_err());
+        d.write_at(&[1u8; 10], 990).unwrap();
+        assert_eq!(d.size(), 1000);
+    }
+
+    #[test]
+    fn gzip_images_are_read_unpacked_and_refused_for_writing() {
+        let mut gz = tempfile::NamedTempFile::new().unwrap();
+        let mut enc = flate2::write::GzEncoder::new(&mut gz, flate2::Compression::fast());
+        enc.write_all(&[3u8; 5000]).unwrap();
+        enc.finish().unwrap();
+        let d = Device::open(gz.path(), Access::Read).unwrap();
+        assert_eq!(d.size(), 5000);
+        assert!(matches!(
+            Device::open(gz.path(), Access::WriteExclusive),
+            Err(OpenError::Compressed)
+        ));
+    }
+}
