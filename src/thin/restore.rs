@@ -151,14 +151,15 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             (Some((_, t)), _) | (None, Some((_, t))) => t,
             (None, None) => return Err(other("mapping outside a device or def")),
         };
-        for i in 0..m.len {
-            let bt = BlockTime {
-                block: m.data_begin + i,
-                time: m.time,
-            };
-            t.push(self.w, m.origin_begin + i, &bt.pack().to_le_bytes())
-                .map_err(other)?;
-        }
+        let (data_begin, time) = (m.data_begin, m.time);
+        t.push_run(self.w, m.origin_begin, m.len, |i| {
+            BlockTime {
+                block: data_begin + i,
+                time,
+            }
+            .pack()
+        })
+        .map_err(other)?;
         if !self.data_given {
             for i in 0..m.len {
                 self.data.inc(m.data_begin + i);

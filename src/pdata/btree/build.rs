@@ -172,10 +172,41 @@ impl TreeBuilder {
         self.push_at(w, 1, first_key, &b.to_le_bytes())
     }
 
-    fn push_at(&mut self, w: &mut BlockWriter, lvl: usize, key: u64, value: &[u8]) -> Result<()> {
-        if lvl == self.levels.len() {
-            self.levels.push(Level::new(false, 8));
+    /// Add `n` leaf entries with consecutive keys from `first_key` and the
+    /// 8-byte values `value(0) .. value(n - 1)` (a run of mappings): written
+    /// straight into the node, a node's worth at a time.
+    pub fn push_run(
+        &mut self,
+        w: &mut BlockWriter,
+        first_key: u64,
+        n: u64,
+        value: impl Fn(u64) -> u64,
+    ) -> Result<()> {
+        debug_assert_eq!(self.levels[0].cur.value_size, 8);
+        let dry = w.is_dry_run();
+        let mut i = 0;
+        while i < n {
+            self.make_room(w, 0)?;
+            let cur = &mut self.levels[0].cur;
+            let k = ((cur.max - cur.nr) as u64).min(n - i);
+            if !dry {
+                for j in 0..k {
+                    let slot = cur.nr + j as usize;
+                    let ko = NODE_HEADER_SIZE + 8 * slot;
+                    cur.data[ko..ko + 8].copy_from_slice(&(first_key + i + j).to_le_bytes());
+                    let vo = cur.value_off(slot);
+                    cur.data[vo..vo + 8].copy_from_slice(&value(i + j).to_le_bytes());
+                }
+            }
+            cur.nr += k as usize;
+            i += k;
         }
+        Ok(())
+    }
+
+    /// Make sure level `lvl`'s current node has room for an entry: a full
+    /// one is held back, and the one held before it is written.
+    fn make_room(&mut self, w: &mut BlockWriter, lvl: usize) -> Result<()> {
         let l = &mut self.levels[lvl];
         if l.cur.nr == l.cur.max {
             let vs = l.cur.value_size;
@@ -186,6 +217,14 @@ impl TreeBuilder {
                 self.up(w, lvl, k, b)?;
             }
         }
+        Ok(())
+    }
+
+    fn push_at(&mut self, w: &mut BlockWriter, lvl: usize, key: u64, value: &[u8]) -> Result<()> {
+        if lvl == self.levels.len() {
+            self.levels.push(Level::new(false, 8));
+        }
+        self.make_room(w, lvl)?;
         let dry = w.is_dry_run();
         self.levels[lvl].cur.push(key, value, dry);
         Ok(())
@@ -338,6 +377,26 @@ mod tests {
                 .map(|k| (k, if (100..200).contains(&k) { k } else { k + t }))
                 .collect();
             assert_eq!(got, want);
+        }
+    }
+
+    #[test]
+    fn runs_build_the_same_tree_as_single_entries() {
+        for n in [1u64, 251, 252, 253, 600, 5000] {
+            let (_f, dev) = device(256);
+            let mut w = BlockWriter::new(&dev, 256, None);
+            let mut t = TreeBuilder::new(8);
+            t.push(&mut w, 0, &7u64.to_le_bytes()).unwrap();
+            t.push_run(&mut w, 10, n, |i| 100 + i).unwrap();
+            t.push_run(&mut w, 10 + n, 3, |i| i).unwrap();
+            let root = t.finish(&mut w).unwrap();
+            w.flush().unwrap();
+            let mut got = Vec::new();
+            collect(&dev, root, 8, true, &mut got);
+            let mut want = vec![(0, 7)];
+            want.extend((0..n).map(|i| (10 + i, 100 + i)));
+            want.extend((0..3).map(|i| (10 + n + i, i)));
+            assert_eq!(got, want, "n = {n}");
         }
     }
 
