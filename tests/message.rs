@@ -258,3 +258,42 @@ fn a_message_writes_only_blocks_the_old_metadata_left_free() {
     assert!(run("thin_check", &[c.to_str().unwrap()]).status.success());
     assert!(device(&dump(&c, &[]), 1).is_some());
 }
+
+#[test]
+fn damaged_space_maps_are_refused_before_any_write() {
+    // The metadata space map says the top-level mapping root is free: a
+    // transaction trusting it could hand that block out and overwrite it.
+    use std::os::unix::fs::FileExt;
+    use thinmeta::pdata::checksum::{seal, BlockKind};
+    use thinmeta::pdata::space_map::{bitmap_word_set, ENTRIES_PER_BITMAP};
+    let t = tempfile::tempdir().unwrap();
+    let img = fixture(t.path());
+    let (root, bitmap) = {
+        let dev = BlockDevice::open(&img, OpenMode::ReadOnly).unwrap();
+        let sb = read_superblock(&dev, 0).unwrap();
+        let mut w = Walker::new(&dev);
+        let (m, errs) = DiskSpaceMap::load_metadata(&mut w, sb.metadata_sm());
+        assert!(errs.is_empty());
+        (
+            sb.mapping_root,
+            m.index[(sb.mapping_root / ENTRIES_PER_BITMAP) as usize].blocknr,
+        )
+    };
+    let f = open_rw(&img);
+    let mut b = vec![0u8; BLOCK];
+    f.read_exact_at(&mut b, bitmap * BLOCK as u64).unwrap();
+    let j = (root % ENTRIES_PER_BITMAP) as usize;
+    let off = 16 + 8 * (j / 32);
+    let mut word = u64::from_le_bytes(b[off..off + 8].try_into().unwrap());
+    bitmap_word_set(&mut word, j % 32, 0);
+    b[off..off + 8].copy_from_slice(&word.to_le_bytes());
+    seal(&mut b, BlockKind::Bitmap);
+    f.write_all_at(&b, bitmap * BLOCK as u64).unwrap();
+    let before = std::fs::read(&img).unwrap();
+    for words in ["create_thin 9", "delete 1", "release_metadata_snap"] {
+        let out = msg(&img, words);
+        assert_eq!(out.status.code(), Some(65), "{words}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("thin_check"));
+        assert_eq!(std::fs::read(&img).unwrap(), before, "{words} wrote");
+    }
+}

@@ -342,7 +342,7 @@ fn into_thin(
 pub(super) fn merge_failure(meta: &Path, e: MergeError) -> Failure {
     match e {
         MergeError::Refused(s) => Failure::new(EXIT_USAGE, format!("{}: {s}", meta.display())),
-        e @ MergeError::NeedsCheck => {
+        e @ (MergeError::NeedsCheck | MergeError::Unsound(_)) => {
             Failure::new(EXIT_DAMAGED, format!("{}: {e}", meta.display()))
         }
         MergeError::Thin(e) => thin_failure(meta, &e),

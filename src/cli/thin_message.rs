@@ -91,7 +91,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
             EXIT_USAGE,
             format!("{}: {s}; nothing was written", meta.display()),
         ),
-        e @ MessageError::NeedsCheck => Failure::new(
+        e @ (MessageError::NeedsCheck | MessageError::Unsound(_)) => Failure::new(
             EXIT_DAMAGED,
             format!("{}: {e}; nothing was written", meta.display()),
         ),

@@ -47,6 +47,7 @@ pub struct Transaction<'d> {
     data: RefCounts,
     /// Data blocks in use when the transaction began: not handed out again
     /// before the commit, even if freed (the old metadata still maps them).
+    #[cfg(test)]
     data_committed: FixedBitSet,
     /// New blocks and shadows: (kind, contents), written at commit.
     dirty: BTreeMap<u64, (BlockKind, Box<[u8; BLOCK_SIZE]>)>,
@@ -71,7 +72,14 @@ impl<'d> Transaction<'d> {
         let sm_blocks = walker.take_ref_counts().expect("counting walker");
         let meta = msm.to_counts(dev)?;
         let data = dsm.to_counts(dev)?;
-        let nr = meta.nr_blocks().min(dev.nr_blocks());
+        if meta.nr_blocks() > dev.nr_blocks() {
+            return Err(Error::Other(format!(
+                "the metadata space map describes {} blocks but the device has {}",
+                meta.nr_blocks(),
+                dev.nr_blocks()
+            )));
+        }
+        let nr = meta.nr_blocks();
         let mut committed = FixedBitSet::with_capacity(nr as usize);
         let mut old_sm_blocks = Vec::new();
         for b in 0..nr {
@@ -82,7 +90,9 @@ impl<'d> Transaction<'d> {
                 old_sm_blocks.push(b);
             }
         }
+        #[cfg(test)]
         let mut data_committed = FixedBitSet::with_capacity(data.nr_blocks() as usize);
+        #[cfg(test)]
         for b in 0..data.nr_blocks() {
             if data.get(b) > 0 {
                 data_committed.insert(b as usize);
@@ -90,6 +100,7 @@ impl<'d> Transaction<'d> {
         }
         Ok(Transaction {
             dev,
+            #[cfg(test)]
             data_committed,
             fresh: FixedBitSet::with_capacity(nr as usize),
             committed,
@@ -115,18 +126,33 @@ impl<'d> Transaction<'d> {
         self.meta.inc(b);
     }
     /// One reference fewer to metadata block `b`; returns the new count.
-    pub fn dec(&mut self, b: u64) -> u32 {
-        self.meta.dec(b).saturating_sub(1)
+    /// A block the space map counts as free is damage (the kernel fails
+    /// the operation too): an error, never a silent zero.
+    pub fn dec(&mut self, b: u64) -> Result<u32> {
+        match self.meta.dec(b) {
+            0 => Err(Error::invalid(
+                b,
+                "reference count below zero (the space map calls it free)",
+            )),
+            old => Ok(old - 1),
+        }
     }
     pub fn data_inc(&mut self, b: u64) {
         self.data.inc(b);
     }
-    /// One reference fewer to data block `b`; returns the new count.
-    pub fn data_dec(&mut self, b: u64) -> u32 {
-        self.data.dec(b).saturating_sub(1)
+    /// One reference fewer to data block `b`; returns the new count (an
+    /// error for a block the data space map counts as free).
+    pub fn data_dec(&mut self, b: u64) -> Result<u32> {
+        match self.data.dec(b) {
+            0 => Err(Error::Other(format!(
+                "data block {b}: reference count below zero (the data space map calls it free)"
+            ))),
+            old => Ok(old - 1),
+        }
     }
 
     /// A free data block (count 0), searching from `hint`; not counted yet.
+    #[cfg(test)]
     pub fn find_free_data(&self, hint: u64) -> Option<u64> {
         let n = self.data.nr_blocks();
         (hint..n)
@@ -184,63 +210,6 @@ impl<'d> Transaction<'d> {
         self.dirty.contains_key(&b)
     }
 
-    /// Make btree node `b` writable: `b` itself if this transaction made it,
-    /// else a copy in a fresh block, with references adjusted. `refs` says
-    /// what the node's leaf values reference (internal nodes: children).
-    pub fn shadow(&mut self, b: u64, refs: ValueRefs) -> Result<u64> {
-        // A block of this transaction that nothing else references yet is
-        // changed in place; one shared meanwhile (a snapshot taken in this
-        // transaction) is copied like any other.
-        if self.is_fresh(b) && self.meta.get(b) == 1 {
-            return Ok(b);
-        }
-        let old = self.read(b)?;
-        let vs = le32(&old, 24) as usize;
-        let node = Node::parse(b, &old, vs)?;
-        let shared = self.meta.get(b) > 1;
-        if shared {
-            self.inc_children(&node, refs)?;
-        }
-        let new = self.alloc(BlockKind::BTreeNode)?;
-        let d = self.block_mut(new)?;
-        d.copy_from_slice(&old);
-        d[8..16].copy_from_slice(&new.to_le_bytes());
-        self.meta.dec(b);
-        Ok(new)
-    }
-
-    fn inc_children(&mut self, node: &Node, refs: ValueRefs) -> Result<()> {
-        if node.is_leaf() && refs == ValueRefs::Nothing {
-            return Ok(());
-        }
-        if node.value_size() != 8 {
-            return Err(Error::invalid(
-                node.block(),
-                format!(
-                    "value size {} where references are counted",
-                    node.value_size()
-                ),
-            ));
-        }
-        for i in 0..node.nr_entries() {
-            let v = le64(node.value_bytes(i), 0);
-            if !node.is_leaf() {
-                self.meta.inc(v);
-                continue;
-            }
-            match refs {
-                ValueRefs::Nothing => {}
-                ValueRefs::DataBlockTime => {
-                    self.data.inc(v >> 24);
-                }
-                ValueRefs::MetadataRoot => {
-                    self.meta.inc(v);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Give up one reference to the tree at `root`; when that was the last,
     /// free its nodes, recursively, and release what its leaves reference
     /// (the kernel's `dm_btree_del`). `levels` says what each level's leaves
@@ -249,7 +218,7 @@ impl<'d> Transaction<'d> {
         if self.meta.get(root) == 0 {
             return Err(Error::invalid(root, "deleting a tree whose root is free"));
         }
-        if self.dec(root) > 0 {
+        if self.dec(root)? > 0 {
             return Ok(());
         }
         let data = self.read(root)?;
@@ -276,7 +245,7 @@ impl<'d> Transaction<'d> {
             }
             match levels.first() {
                 Some(ValueRefs::DataBlockTime) => {
-                    self.data.dec(v >> 24);
+                    self.data_dec(v >> 24)?;
                 }
                 Some(ValueRefs::MetadataRoot) => self.del_tree(v, &levels[1..])?,
                 _ => {}
@@ -308,9 +277,6 @@ impl<'d> Transaction<'d> {
         }
         let data_sm = write_data_sm(&mut w, &self.data)?;
         let metadata_sm = write_metadata_sm(&mut w)?;
-        let block0 = superblock(&data_sm, &metadata_sm);
-        w.flush()?;
-        self.dev.write_block(0, &block0)?;
-        self.dev.sync()
+        w.commit(&superblock(&data_sm, &metadata_sm))
     }
 }

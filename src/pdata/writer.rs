@@ -152,6 +152,18 @@ impl<'d> BlockWriter<'d> {
         Ok(())
     }
 
+    /// The commit: write everything queued, flush it, then write `block0`
+    /// (the superblock that makes it current) and flush again. A crash
+    /// before the second flush leaves the previous superblock in charge.
+    pub fn commit(&mut self, block0: &[u8]) -> Result<()> {
+        self.flush()?;
+        if let Some(dev) = self.dev {
+            dev.write_block(0, block0)?;
+            dev.sync()?;
+        }
+        Ok(())
+    }
+
     /// Write everything queued and flush it to stable storage: after this,
     /// a superblock may point at what was written.
     pub fn flush(&mut self) -> Result<()> {

@@ -554,6 +554,26 @@ pub fn rebuild_space_maps(
         metadata_sm_root: Superblock::sm_root_bytes(&metadata_sm),
         ..checked.clone()
     };
-    commit(&mut w, dev, &sb)?;
+    commit(&mut w, &sb)?;
     Ok(sb)
+}
+
+/// For writers that change metadata in place (thin_message, thin_merge
+/// --into-thin): the metadata must pass a full check first. A transaction
+/// trusts the space maps to tell which blocks are in use; an under-counted
+/// block would be handed out and overwritten. Leaks are harmless here (a
+/// leaked block only looks in use). Returns the first fatal finding.
+pub fn require_sound(dev: &BlockDevice) -> std::result::Result<(), String> {
+    let report = check(dev, &CheckOptions::default(), &mut |_, _| {});
+    match report
+        .findings
+        .iter()
+        .find(|f| f.severity == Severity::Fatal)
+    {
+        None => Ok(()),
+        Some(f) => Err(format!(
+            "the metadata does not pass thin_check ({}: {}); run thin_check and thin_repair first",
+            f.area, f.message
+        )),
+    }
 }

@@ -84,6 +84,9 @@ pub enum MergeError {
     Refused(String),
     #[error("the metadata has needs_check set: run thin_check (and thin_repair) first")]
     NeedsCheck,
+    /// The metadata is damaged: changing it in place could make it worse.
+    #[error("{0}")]
+    Unsound(String),
     /// The metadata is damaged or inconsistent (or unreadable).
     #[error(transparent)]
     Thin(#[from] Error),
@@ -199,11 +202,11 @@ pub fn device_extents(
             let v = node.key(i);
             let d = BlockTime::unpack(node.value::<u64>(i)).block;
             if let Some(c) = &mut cur {
-                if v == c.vblock + c.len && d == c.data + c.len {
+                if v == c.vblock.saturating_add(c.len) && d == c.data.saturating_add(c.len) {
                     c.len += 1;
                     continue;
                 }
-                if v < c.vblock + c.len {
+                if v < c.vblock.saturating_add(c.len) {
                     return Err(Error::metadata(
                         context(),
                         pdata::Error::invalid(b, format!("key {v} is out of order")),
@@ -534,19 +537,23 @@ fn clipped(
     let bb = pool.block_bytes;
     let mut run_end: Option<u64> = None;
     extents(meta, m, pool, &mut |e| {
-        stats.end_block = stats.end_block.max(e.vblock + e.len);
+        stats.end_block = stats.end_block.max(e.vblock.saturating_add(e.len));
         let start = e.vblock.saturating_mul(bb);
         if start >= clip {
             stats.beyond_blocks += e.len;
             stats.first_beyond.get_or_insert(e.vblock);
             return Ok(());
         }
-        let end = (e.vblock + e.len).saturating_mul(bb).min(clip);
+        let end = (e.vblock.saturating_add(e.len))
+            .saturating_mul(bb)
+            .min(clip);
         let inside = (end - start).div_ceil(bb);
         stats.blocks += inside;
         if inside < e.len {
             stats.beyond_blocks += e.len - inside;
-            stats.first_beyond.get_or_insert(e.vblock + inside);
+            stats
+                .first_beyond
+                .get_or_insert(e.vblock.saturating_add(inside));
         }
         stats.bytes += end - start;
         if run_end != Some(start) {
@@ -673,6 +680,7 @@ pub fn merge_into_thin(
     if sb.needs_check() {
         return Err(MergeError::NeedsCheck);
     }
+    crate::thin::check::require_sound(meta).map_err(MergeError::Unsound)?;
     let mut txn = Transaction::begin(meta, sb.data_sm(), sb.metadata_sm())?;
     let mut new = sb.clone();
     let details = |txn: &Transaction, id: u64| -> Result<Option<DeviceDetails>, MergeError> {
@@ -757,16 +765,7 @@ pub fn merge_into_thin(
     if dry_run {
         return Ok(result);
     }
-    txn.commit(|data_sm, metadata_sm| {
-        let sb = Superblock {
-            data_sm_root: Superblock::sm_root_bytes(data_sm),
-            metadata_sm_root: Superblock::sm_root_bytes(metadata_sm),
-            ..new
-        };
-        let block = sb.encode();
-        result.superblock = sb;
-        block
-    })?;
+    result.superblock = crate::thin::superblock::commit_transaction(txn, new)?;
     Ok(result)
 }
 

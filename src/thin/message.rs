@@ -48,6 +48,9 @@ pub enum MessageError {
     /// The kernel would refuse it (the errno it would give, in words).
     #[error("{0}")]
     Refused(String),
+    /// The metadata is damaged: changing it in place could make it worse.
+    #[error("{0}")]
+    Unsound(String),
     /// The superblock says the metadata needs checking first.
     #[error("the metadata has needs_check set: run thin_check (and thin_repair) first")]
     NeedsCheck,
@@ -118,6 +121,7 @@ pub fn apply(dev: &BlockDevice, msg: Message) -> Result<Superblock, MessageError
     if sb.needs_check() {
         return Err(MessageError::NeedsCheck);
     }
+    crate::thin::check::require_sound(dev).map_err(MessageError::Unsound)?;
     let mut txn = Transaction::begin(dev, sb.data_sm(), sb.metadata_sm())?;
     let mut new = sb.clone();
     match msg {
@@ -250,20 +254,9 @@ pub fn apply(dev: &BlockDevice, msg: Message) -> Result<Superblock, MessageError
                 &[ValueRefs::MetadataRoot, ValueRefs::DataBlockTime],
             )?;
             txn.del_tree(copy.details_root, &[ValueRefs::Nothing])?;
-            txn.dec(b);
+            txn.dec(b)?;
             new.metadata_snap = 0;
         }
     }
-    let mut committed = None;
-    txn.commit(|data_sm, metadata_sm| {
-        let sb = Superblock {
-            data_sm_root: Superblock::sm_root_bytes(data_sm),
-            metadata_sm_root: Superblock::sm_root_bytes(metadata_sm),
-            ..new
-        };
-        let block = sb.encode();
-        committed = Some(sb);
-        block
-    })?;
-    Ok(committed.expect("commit builds the superblock"))
+    Ok(crate::thin::superblock::commit_transaction(txn, new)?)
 }

@@ -319,10 +319,8 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
 
 /// Write `built`'s superblock after everything else is on stable storage:
 /// the commit point. A crash before it leaves the old superblock in charge.
-pub fn commit(w: &mut BlockWriter, dev: &BlockDevice, sb: &Superblock) -> pdata::Result<()> {
-    w.flush()?;
-    dev.write_block(SUPERBLOCK_LOCATION, &sb.encode())?;
-    dev.sync()
+pub fn commit(w: &mut BlockWriter, sb: &Superblock) -> pdata::Result<()> {
+    w.commit(&sb.encode())
 }
 
 /// Metadata blocks a pool on `dev` uses (the kernel ignores any beyond 15.875 GiB).
@@ -432,7 +430,7 @@ where
         })
     })?;
     let (built, _) = b.finish().map_err(BuildError::Metadata)?;
-    commit(&mut w, dev, &built.superblock).map_err(BuildError::Metadata)?;
+    commit(&mut w, &built.superblock).map_err(BuildError::Metadata)?;
     Ok(built)
 }
 

@@ -191,6 +191,21 @@ impl Superblock {
     }
 }
 
+/// Commit `txn` with `sb` as the new superblock (its space-map roots
+/// filled in from the space maps the commit writes). Returns what was written.
+pub fn commit_transaction(
+    txn: crate::pdata::txn::Transaction,
+    sb: Superblock,
+) -> Result<Superblock> {
+    let mut committed = sb;
+    txn.commit(|data_sm, metadata_sm| {
+        committed.data_sm_root = Superblock::sm_root_bytes(data_sm);
+        committed.metadata_sm_root = Superblock::sm_root_bytes(metadata_sm);
+        committed.encode()
+    })?;
+    Ok(committed)
+}
+
 /// Rewrite the flags word of a superblock block in place and reseal it.
 /// Only the flags and checksum change, within the first 512-byte sector.
 pub fn set_flags(block: &mut [u8], flags: u32) {

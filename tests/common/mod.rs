@@ -22,9 +22,13 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `../shared/testdata` when it exists (it does in CI).
+/// `../shared/testdata` when it exists. With THINMETA_REQUIRE_FIXTURES=1
+/// (set by .ci/run) its absence fails the test instead of skipping it.
 pub fn shared_testdata() -> Option<PathBuf> {
     let p = repo().join("../shared/testdata");
+    if !p.is_dir() && std::env::var_os("THINMETA_REQUIRE_FIXTURES").is_some_and(|v| v == "1") {
+        panic!("{} is missing and THINMETA_REQUIRE_FIXTURES=1", p.display());
+    }
     p.is_dir().then_some(p)
 }
 

@@ -252,7 +252,7 @@ pub fn shadow_node(txn: &mut Transaction, b: u64, refs: ValueRefs) -> Result<u64
     data[8..16].copy_from_slice(&new.to_le_bytes());
     seal(&mut data, BlockKind::BTreeNode);
     txn.block_mut(new)?.copy_from_slice(&data);
-    txn.dec(b);
+    txn.dec(b)?;
     Ok(new)
 }
 
@@ -265,7 +265,7 @@ fn release_moved(txn: &mut Transaction, b: u64, refs: ValueRefs) -> Result<()> {
         let node = Node::parse(b, &data, le32(&data, 24) as usize)?;
         inc_entries(txn, b, &node, refs)?;
     }
-    txn.dec(b);
+    txn.dec(b)?;
     Ok(())
 }
 
@@ -278,7 +278,7 @@ pub fn release_value(txn: &mut Transaction, value: &[u8], refs: ValueRefs) -> Re
         ValueRefs::Nothing => Ok(()),
         ValueRefs::DataBlockTime => {
             let v = value_u64(value, "block/time")?;
-            txn.data_dec(v >> 24);
+            txn.data_dec(v >> 24)?;
             Ok(())
         }
         ValueRefs::MetadataRoot => {
@@ -551,7 +551,7 @@ fn remove_impl(
         }
         let child = n.child(0);
         // The root's reference to the child becomes the tree's reference.
-        txn.dec(root);
+        txn.dec(root)?;
         root = child;
         n = load(txn, root, Some(vs))?;
     }

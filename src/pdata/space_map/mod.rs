@@ -446,7 +446,15 @@ impl DiskSpaceMap {
                 let b = base + j as u64;
                 match bitmap.get(j) {
                     0 => {}
-                    3 => counts.set(b, rc.get(b)?.unwrap_or(3).max(3)),
+                    3 => match rc.get(b)? {
+                        Some(c) if c >= 3 => counts.set(b, c),
+                        _ => {
+                            return Err(Error::invalid(
+                                loc,
+                                format!("block {b} is marked 3+ but the ref-count tree has no count of 3 or more for it"),
+                            ))
+                        }
+                    },
                     v => counts.set(b, v),
                 }
             }
@@ -490,25 +498,6 @@ pub fn parse_metadata_index(loc: u64, data: &[u8], want: usize) -> Result<Vec<In
         out.push(e);
     }
     Ok(out)
-}
-
-/// Read the bitmap-derived count of one block from an index + overflow (for tools
-/// that need a few lookups rather than a full comparison).
-pub fn lookup(dev: &BlockDevice, sm: &DiskSpaceMap, b: u64) -> Result<u32> {
-    let i = (b / ENTRIES_PER_BITMAP) as usize;
-    let e = sm
-        .index
-        .get(i)
-        .ok_or_else(|| Error::Other(format!("block {b} is beyond the {} space map", sm.kind)))?;
-    let mut buf = vec![0u8; BLOCK_SIZE];
-    dev.read_block(e.blocknr, &mut buf)?;
-    let bm = Bitmap::parse(e.blocknr, &buf)?;
-    Ok(match bm.get((b % ENTRIES_PER_BITMAP) as usize) {
-        3 => RefCountCursor::new(dev, &sm.ref_count_leaves)
-            .get(b)?
-            .unwrap_or(0),
-        v => v,
-    })
 }
 
 #[cfg(test)]
