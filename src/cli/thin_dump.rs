@@ -209,11 +209,4 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     r.map_err(|e| thin_failure(input, &e))
 }
 
-/// True when `a` and `b` name the same file or device (same device and inode).
-pub fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
+use crate::pdata::io::same_file;

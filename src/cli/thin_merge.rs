@@ -3,7 +3,7 @@
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -443,17 +443,4 @@ fn open_failure(path: &Path, e: std::io::Error) -> Failure {
     Failure::new(code, format!("{}: {what}", path.display()))
 }
 
-/// True when `a` and `b` are the same file or the same block device.
-pub(super) fn same_file(a: &Path, b: &Path) -> bool {
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => {
-            let dev = |m: &std::fs::Metadata| m.file_type().is_block_device();
-            if dev(&x) && dev(&y) {
-                x.rdev() == y.rdev()
-            } else {
-                x.dev() == y.dev() && x.ino() == y.ino()
-            }
-        }
-        _ => false,
-    }
-}
+pub(super) use crate::pdata::io::same_file;

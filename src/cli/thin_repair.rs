@@ -25,7 +25,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let output = m.get_one::<PathBuf>("output").unwrap();
     let quiet = m.get_flag("quiet");
     let overrides = parse_overrides(m)?;
-    if thin_dump::same_file(input, output) {
+    if crate::pdata::io::same_file(input, output) {
         return Err(Failure::new(
             EXIT_USAGE,
             format!(

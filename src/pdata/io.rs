@@ -276,6 +276,21 @@ fn gunzip_to_tempfile(src: &File) -> std::io::Result<File> {
     Ok(tmp)
 }
 
+/// True when `a` and `b` are the same file or device: the same inode, or
+/// two device nodes for one block device (`/dev/mapper/x` and `/dev/dm-3`).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => {
+            (x.dev() == y.dev() && x.ino() == y.ino())
+                || (x.file_type().is_block_device()
+                    && y.file_type().is_block_device()
+                    && x.rdev() == y.rdev())
+        }
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

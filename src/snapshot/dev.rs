@@ -196,20 +196,6 @@ impl Store for Device {
     }
 }
 
-/// True when `a` and `b` are the same file or device (device and inode).
-pub fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(x), Ok(y)) => {
-            (x.dev() == y.dev() && x.ino() == y.ino())
-                || (x.file_type().is_block_device()
-                    && y.file_type().is_block_device()
-                    && x.rdev() == y.rdev())
-        }
-        _ => false,
-    }
-}
-
 fn gunzip_to_tempfile(src: &File) -> io::Result<File> {
     let mut src = src.try_clone()?;
     src.seek(SeekFrom::Start(0))?;
@@ -218,6 +204,8 @@ fn gunzip_to_tempfile(src: &File) -> io::Result<File> {
     io::copy(&mut reader, &mut tmp)?;
     Ok(tmp)
 }
+
+pub use crate::pdata::io::same_file;
 
 #[cfg(test)]
 mod tests {

@@ -35,6 +35,18 @@ impl DeviceDetails {
     }
 }
 
+/// Device `id`'s details in the details tree at `root`, within a transaction.
+pub fn lookup_details(
+    txn: &crate::pdata::txn::Transaction,
+    root: u64,
+    id: u64,
+) -> crate::pdata::Result<Option<DeviceDetails>> {
+    Ok(
+        crate::pdata::btree::lookup(txn, root, id, DeviceDetails::SIZE)?
+            .map(|v| DeviceDetails::decode(&v)),
+    )
+}
+
 /// Bottom-level mapping value: data block in the high 40 bits, the pool
 /// time of the write in the low 24.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

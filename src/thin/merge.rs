@@ -684,8 +684,11 @@ pub fn merge_into_thin(
     let mut txn = Transaction::begin(meta, sb.data_sm(), sb.metadata_sm())?;
     let mut new = sb.clone();
     let details = |txn: &Transaction, id: u64| -> Result<Option<DeviceDetails>, MergeError> {
-        Ok(lookup(txn, sb.details_root, id, DeviceDetails::SIZE)?
-            .map(|v| DeviceDetails::decode(&v)))
+        Ok(crate::thin::device::lookup_details(
+            txn,
+            sb.details_root,
+            id,
+        )?)
     };
     let present = || -> Vec<u64> {
         crate::pdata::btree::entries(&txn, sb.details_root, DeviceDetails::SIZE)

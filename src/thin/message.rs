@@ -18,7 +18,6 @@
 //! - `release_metadata_snap`: the copy's trees lose that reference (freed
 //!   where nothing else holds them), and the copy is freed.
 
-use crate::pdata::btree::Value;
 use crate::pdata::btree::{empty_tree, insert, lookup, remove};
 use crate::pdata::checksum::BlockKind;
 use crate::pdata::io::BlockDevice;
@@ -107,7 +106,7 @@ impl Message {
 }
 
 fn details(txn: &Transaction, root: u64, id: u64) -> Result<Option<DeviceDetails>, MessageError> {
-    Ok(lookup(txn, root, id, DeviceDetails::SIZE)?.map(|v| DeviceDetails::decode(&v)))
+    Ok(crate::thin::device::lookup_details(txn, root, id)?)
 }
 
 fn mapping_root(txn: &Transaction, top: u64, id: u64) -> Result<Option<u64>, MessageError> {

@@ -463,22 +463,15 @@ impl DiskSpaceMap {
         Ok(counts)
     }
 
-    /// The blocks this space map counts as in use (count > 0), read from its bitmaps.
+    /// The blocks this space map counts as in use (count > 0).
     pub fn in_use(&self, dev: &BlockDevice) -> Result<fixedbitset::FixedBitSet> {
-        let nr_blocks = self.root.nr_blocks;
-        let mut set = fixedbitset::FixedBitSet::with_capacity(nr_blocks as usize);
-        let locs: Vec<u64> = self.index.iter().map(|e| e.blocknr).collect();
-        dev.read_in_order(&locs, 256, |i, loc, data| {
-            let bitmap = Bitmap::parse(loc, data?)?;
-            let base = i as u64 * ENTRIES_PER_BITMAP;
-            let n = (nr_blocks.saturating_sub(base)).min(ENTRIES_PER_BITMAP) as usize;
-            for j in 0..n {
-                if bitmap.get(j) != 0 {
-                    set.insert(base as usize + j);
-                }
+        let counts = self.to_counts(dev)?;
+        let mut set = fixedbitset::FixedBitSet::with_capacity(counts.nr_blocks() as usize);
+        for b in 0..counts.nr_blocks() {
+            if counts.get(b) > 0 {
+                set.insert(b as usize);
             }
-            Ok::<(), Error>(())
-        })?;
+        }
         Ok(set)
     }
 }
