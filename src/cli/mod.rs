@@ -240,18 +240,21 @@ pub fn version_arg() -> clap::Arg {
 
 /// Open a metadata device, turning failures into messages that name it.
 pub fn open_device(path: &Path, mode: OpenMode) -> Result<BlockDevice, Failure> {
-    BlockDevice::open(path, mode).map_err(|e| {
-        let code = match e {
-            OpenError::NotFound
-            | OpenError::IsDirectory
-            | OpenError::TooSmall(_)
-            | OpenError::PermissionDenied => EXIT_NO_INPUT,
-            OpenError::Busy => EXIT_BUSY,
-            OpenError::Compressed | OpenError::NotSeekable => EXIT_USAGE,
-            OpenError::Io(_) => EXIT_IO,
-        };
-        Failure::new(code, format!("{}: {e}", path.display()))
-    })
+    BlockDevice::open(path, mode).map_err(|e| open_failure(path, e))
+}
+
+/// Message and exit code for a device `path` that could not be opened.
+pub fn open_failure(path: &Path, e: OpenError) -> Failure {
+    let code = match e {
+        OpenError::NotFound
+        | OpenError::IsDirectory
+        | OpenError::TooSmall(_)
+        | OpenError::PermissionDenied => EXIT_NO_INPUT,
+        OpenError::Busy => EXIT_BUSY,
+        OpenError::Compressed | OpenError::NotSeekable => EXIT_USAGE,
+        OpenError::Io(_) => EXIT_IO,
+    };
+    Failure::new(code, format!("{}: {e}", path.display()))
 }
 
 /// Message and exit code for a library error about device `path`.

@@ -11,7 +11,7 @@ use clap::{Arg, Command};
 
 use super::*;
 use crate::snapshot::cow::CowStore;
-use crate::snapshot::dev::{Access, Device, OpenError};
+use crate::snapshot::dev::{Access, Device};
 use crate::snapshot::dump::{dump, Format};
 use crate::snapshot::Error as SnapError;
 
@@ -91,17 +91,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
 
 /// Open a snapshot device (COW or origin), naming it in failures.
 pub(crate) fn open_snap_device(path: &Path, access: Access) -> Result<Device, Failure> {
-    Device::open(path, access).map_err(|e| {
-        let code = match e {
-            OpenError::NotFound | OpenError::IsDirectory | OpenError::PermissionDenied => {
-                EXIT_NO_INPUT
-            }
-            OpenError::Busy => EXIT_BUSY,
-            OpenError::Compressed | OpenError::NotSeekable => EXIT_USAGE,
-            OpenError::Io(_) => EXIT_IO,
-        };
-        Failure::new(code, format!("{}: {e}", path.display()))
-    })
+    Device::open(path, access).map_err(|e| open_failure(path, e))
 }
 
 /// Exit code and message for a snapshot library error (it names the device).

@@ -2,9 +2,8 @@
 //! or a thin snapshot into its thin origin (metadata only).
 
 use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
+use std::fs::File;
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use clap::{Arg, ArgAction, ArgGroup, Command};
@@ -141,15 +140,6 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<(), Failure> {
         fail_after_writes: num(m, "fail-after-writes")?,
     };
 
-    // A pool in use holds its metadata and data devices open exclusively:
-    // opening them so fails (busy), also to read a metadata snapshot.
-    let meta = open_device(meta_path, OpenMode::ReadOnlyExclusive)?;
-    let data = open_file(data_path, Access::Read, true)?;
-    let origin = open_file(
-        origin_path,
-        if dry_run { Access::Read } else { Access::Write },
-        true,
-    )?;
     for (p, what) in [(meta_path, "metadata"), (data_path, "data")] {
         if same_file(origin_path, p) {
             return Err(Failure::new(
@@ -161,6 +151,15 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<(), Failure> {
             ));
         }
     }
+    // A pool in use holds its metadata and data devices open exclusively:
+    // opening them so fails (busy), also to read a metadata snapshot.
+    let meta = open_device(meta_path, OpenMode::ReadOnlyExclusive)?;
+    let data = open_file(data_path, Access::Read, true)?;
+    let origin = open_file(
+        origin_path,
+        if dry_run { Access::Read } else { Access::Write },
+        true,
+    )?;
     let fail = |e: MergeError| merge_failure(meta_path, e);
     let pool = pool_info(&meta, &opts).map_err(fail)?;
     let need = pool.nr_data_blocks.saturating_mul(pool.block_bytes);
@@ -375,58 +374,32 @@ pub(super) struct Opened {
 /// a live pool or anything else holds it), and for writing a regular file,
 /// an exclusive `flock` (held until the file is closed).
 pub(super) fn open_file(path: &Path, access: Access, exclusive: bool) -> Result<Opened, Failure> {
+    use std::io::{Seek, SeekFrom};
+    // Data devices and origins are large: a pipe is refused, not copied.
     let md = std::fs::metadata(path).map_err(|e| open_failure(path, e))?;
-    if md.is_dir() {
+    if !(md.is_file() || md.is_dir() || md.file_type().is_block_device()) {
         return Err(Failure::new(
-            EXIT_NO_INPUT,
-            format!("{}: is a directory", path.display()),
+            EXIT_USAGE,
+            format!(
+                "{}: is a pipe or other stream; a file or block device is needed",
+                path.display()
+            ),
         ));
     }
-    let block_device = md.file_type().is_block_device();
-    let mut o = OpenOptions::new();
-    o.read(true);
-    if access == Access::Write {
-        o.write(true);
-    }
-    if block_device && exclusive {
-        o.custom_flags(libc::O_EXCL);
-    }
-    let file = o.open(path).map_err(|e| open_failure(path, e))?;
-    if exclusive && access == Access::Write && !block_device {
-        // SAFETY: flock on an open descriptor.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Failure::new(
-                    EXIT_BUSY,
-                    format!("{}: locked by another process", path.display()),
-                )
-            } else {
-                open_failure(path, e)
-            });
-        }
-    }
-    let size = {
-        use std::io::{Seek, SeekFrom};
-        let mut f = &file;
-        f.seek(SeekFrom::End(0))
-            .and_then(|s| f.seek(SeekFrom::Start(0)).map(|_| s))
-            .map_err(|e| {
-                if e.raw_os_error() == Some(libc::ESPIPE) {
-                    Failure::new(
-                        EXIT_USAGE,
-                        format!(
-                            "{}: is a pipe or other stream; a file or block device is needed",
-                            path.display()
-                        ),
-                    )
-                } else {
-                    open_failure(path, e)
-                }
-            })?
+    let mode = match (access, exclusive) {
+        (Access::Read, false) => OpenMode::ReadOnly,
+        (Access::Read, true) => OpenMode::ReadOnlyExclusive,
+        (Access::Write, _) => OpenMode::ReadWriteExclusive,
     };
-    Ok(Opened { file, size })
+    let mut raw =
+        crate::pdata::io::open_raw(path, mode).map_err(|e| super::open_failure(path, e))?;
+    raw.file
+        .seek(SeekFrom::Start(0))
+        .map_err(|e| open_failure(path, e))?;
+    Ok(Opened {
+        file: raw.file,
+        size: raw.size,
+    })
 }
 
 fn open_failure(path: &Path, e: std::io::Error) -> Failure {

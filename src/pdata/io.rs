@@ -32,7 +32,7 @@ pub enum OpenError {
     NotFound,
     #[error("is a directory, not a metadata device or file")]
     IsDirectory,
-    #[error("device is in use (held open by a live pool, or mounted); use -m to read a metadata snapshot of a live pool")]
+    #[error("device is in use (held open by a live pool or snapshot, mounted, or locked by another thinmeta tool)")]
     Busy,
     #[error("permission denied")]
     PermissionDenied,
@@ -51,11 +51,88 @@ impl From<std::io::Error> for OpenError {
         match e.raw_os_error() {
             Some(libc::ENOENT) => OpenError::NotFound,
             Some(libc::EISDIR) => OpenError::IsDirectory,
-            Some(libc::EBUSY) => OpenError::Busy,
+            Some(libc::EBUSY) | Some(libc::EWOULDBLOCK) => OpenError::Busy,
             Some(libc::EACCES) | Some(libc::EPERM) => OpenError::PermissionDenied,
             _ => OpenError::Io(e),
         }
     }
+}
+
+/// An open file or block device, before any structure is put on it.
+pub struct RawDevice {
+    pub file: File,
+    /// Size in bytes.
+    pub size: u64,
+    pub is_block_device: bool,
+}
+
+/// Open `path` by the rules every tool shares:
+/// - exclusive modes refuse a device something else holds: `O_EXCL` on a
+///   block device (EBUSY while the kernel, a live pool or snapshot, holds
+///   it), and an advisory `flock` on a regular file (shared for reading,
+///   exclusive for writing), so two thinmeta tools never write one image;
+/// - read-only opens accept a gzip-compressed image or a pipe, unpacked or
+///   copied into an unlinked temporary file; writable opens refuse both.
+pub fn open_raw(path: &Path, mode: OpenMode) -> std::result::Result<RawDevice, OpenError> {
+    let md = std::fs::metadata(path)?;
+    if md.is_dir() {
+        return Err(OpenError::IsDirectory);
+    }
+    let is_block_device = md.file_type().is_block_device();
+    let writable = mode == OpenMode::ReadWriteExclusive;
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(writable);
+    // O_EXCL without O_CREAT is only defined for block devices (Linux).
+    if is_block_device && mode != OpenMode::ReadOnly {
+        opts.custom_flags(libc::O_EXCL);
+    }
+    let mut file = opts.open(path)?;
+    if md.file_type().is_file() && mode != OpenMode::ReadOnly {
+        let op = if writable {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe {
+            libc::flock(
+                std::os::unix::io::AsRawFd::as_raw_fd(&file),
+                op | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error().into());
+        }
+    }
+    let size = match file.seek(SeekFrom::End(0)) {
+        Ok(s) => s,
+        // A pipe (`thin_check <(zcat meta.gz)`): read it into a temporary file.
+        Err(e) if e.raw_os_error() == Some(libc::ESPIPE) && !writable => {
+            let mut tmp = tempfile::tempfile()?;
+            std::io::copy(&mut file, &mut tmp)?;
+            file = tmp;
+            file.seek(SeekFrom::End(0))?
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => return Err(OpenError::NotSeekable),
+        Err(e) => return Err(e.into()),
+    };
+    let mut size = size;
+    if !is_block_device && size >= 2 {
+        let mut magic = [0u8; 2];
+        file.read_exact_at(&mut magic, 0)?;
+        if magic == GZIP_MAGIC {
+            if writable {
+                return Err(OpenError::Compressed);
+            }
+            file = gunzip_to_tempfile(&file)?;
+            size = file.seek(SeekFrom::End(0))?;
+        }
+    }
+    Ok(RawDevice {
+        file,
+        size,
+        is_block_device,
+    })
 }
 
 pub struct BlockDevice {
@@ -68,63 +145,17 @@ pub struct BlockDevice {
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
 
 impl BlockDevice {
-    /// Open `path`. A gzip-compressed regular file opened read-only is
-    /// transparently unpacked into an unlinked temporary file, so shipped or
-    /// archived images (`meta.img.gz`) can be read directly.
+    /// Open `path` by the rules of [`open_raw`], as 4 KiB blocks.
     pub fn open(path: &Path, mode: OpenMode) -> std::result::Result<BlockDevice, OpenError> {
-        let md = std::fs::metadata(path)?;
-        if md.is_dir() {
-            return Err(OpenError::IsDirectory);
-        }
-        let is_blockdev = md.file_type().is_block_device();
-        let mut opts = OpenOptions::new();
-        opts.read(true);
-        let writable = mode == OpenMode::ReadWriteExclusive;
-        if writable {
-            opts.write(true);
-        }
-        // O_EXCL without O_CREAT is only defined for block devices (Linux):
-        // it fails with EBUSY while the kernel (a live pool) holds the device.
-        if is_blockdev && mode != OpenMode::ReadOnly {
-            opts.custom_flags(libc::O_EXCL);
-        }
-        let mut file = opts.open(path)?;
-        let size = match file.seek(SeekFrom::End(0)) {
-            Ok(s) => s,
-            // A pipe (`thin_check <(zcat meta.gz)`): read it into a temporary file.
-            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) && !writable => {
-                let mut tmp = tempfile::tempfile()?;
-                std::io::copy(&mut file, &mut tmp)?;
-                file = tmp;
-                file.seek(SeekFrom::End(0))?
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => return Err(OpenError::NotSeekable),
-            Err(e) => return Err(e.into()),
-        };
-        if writable && !is_blockdev && size >= 2 {
-            let mut magic = [0u8; 2];
-            file.read_exact_at(&mut magic, 0)?;
-            if magic == GZIP_MAGIC {
-                return Err(OpenError::Compressed);
-            }
-        }
-
-        if !writable && !is_blockdev && size >= 2 {
-            let mut magic = [0u8; 2];
-            file.read_exact_at(&mut magic, 0)?;
-            if magic == GZIP_MAGIC {
-                file = gunzip_to_tempfile(&file)?;
-            }
-        }
-        let size = file.seek(SeekFrom::End(0))?;
-        if size < BLOCK_SIZE as u64 {
-            return Err(OpenError::TooSmall(size));
+        let raw = open_raw(path, mode)?;
+        if raw.size < BLOCK_SIZE as u64 {
+            return Err(OpenError::TooSmall(raw.size));
         }
         Ok(BlockDevice {
-            file,
-            nr_blocks: size / BLOCK_SIZE as u64,
+            file: raw.file,
+            nr_blocks: raw.size / BLOCK_SIZE as u64,
             path: path.to_path_buf(),
-            writable,
+            writable: mode == OpenMode::ReadWriteExclusive,
         })
     }
 

@@ -7,11 +7,13 @@
 //! [`Store`] is the interface the reader, checker and merger use; tests
 //! implement it in memory to model a disk's volatile write cache.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+
+use crate::pdata::io::{open_raw, OpenMode};
 
 /// What the snapshot code needs from a device.
 pub trait Store {
@@ -40,36 +42,7 @@ pub enum Access {
     WriteExclusive,
 }
 
-/// Why a device could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    #[error("no such file or device")]
-    NotFound,
-    #[error("is a directory, not a device or image file")]
-    IsDirectory,
-    #[error("device is in use (held open by an active snapshot or origin, mounted, or locked by another snap_merge)")]
-    Busy,
-    #[error("permission denied")]
-    PermissionDenied,
-    #[error("is gzip-compressed; unpack it before writing to it")]
-    Compressed,
-    #[error("is a pipe or other stream; writing needs a file or block device")]
-    NotSeekable,
-    #[error("{0}")]
-    Io(io::Error),
-}
-
-impl From<io::Error> for OpenError {
-    fn from(e: io::Error) -> Self {
-        match e.raw_os_error() {
-            Some(libc::ENOENT) => OpenError::NotFound,
-            Some(libc::EISDIR) => OpenError::IsDirectory,
-            Some(libc::EBUSY) | Some(libc::EWOULDBLOCK) => OpenError::Busy,
-            Some(libc::EACCES) | Some(libc::EPERM) => OpenError::PermissionDenied,
-            _ => OpenError::Io(e),
-        }
-    }
-}
+pub use crate::pdata::io::OpenError;
 
 /// An open file or block device.
 pub struct Device {
@@ -79,67 +52,21 @@ pub struct Device {
     writable: bool,
 }
 
-const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
-
 impl Device {
     /// Open `path`. Read-only opens accept a gzip-compressed image or a pipe
     /// (copied into an unlinked temporary file first).
     pub fn open(path: &Path, access: Access) -> Result<Device, OpenError> {
-        let md = std::fs::metadata(path)?;
-        if md.is_dir() {
-            return Err(OpenError::IsDirectory);
-        }
-        let is_blockdev = md.file_type().is_block_device();
-        let writable = access == Access::WriteExclusive;
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(writable);
-        // O_EXCL without O_CREAT: defined for block devices only, where it
-        // fails with EBUSY while the kernel (a dm table) or a mount holds it.
-        if is_blockdev && access != Access::Read {
-            opts.custom_flags(libc::O_EXCL);
-        }
-        let mut file = opts.open(path)?;
-        if md.file_type().is_file() && access != Access::Read {
-            // Regular files have no O_EXCL: an advisory lock keeps two
-            // snap_merge runs (or a merge and a dump) apart.
-            let op = if writable {
-                libc::LOCK_EX
-            } else {
-                libc::LOCK_SH
-            };
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } != 0 {
-                return Err(io::Error::last_os_error().into());
-            }
-        }
-        let size = match file.seek(SeekFrom::End(0)) {
-            Ok(s) => s,
-            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) && !writable => {
-                let mut tmp = tempfile::tempfile()?;
-                io::copy(&mut file, &mut tmp)?;
-                file = tmp;
-                file.seek(SeekFrom::End(0))?
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ESPIPE) => return Err(OpenError::NotSeekable),
-            Err(e) => return Err(e.into()),
+        let mode = match access {
+            Access::Read => OpenMode::ReadOnly,
+            Access::ReadExclusive => OpenMode::ReadOnlyExclusive,
+            Access::WriteExclusive => OpenMode::ReadWriteExclusive,
         };
-        let mut size = size;
-        if !is_blockdev && size >= 2 {
-            let mut magic = [0u8; 2];
-            file.read_exact_at(&mut magic, 0)?;
-            if magic == GZIP_MAGIC {
-                if writable {
-                    return Err(OpenError::Compressed);
-                }
-                file = gunzip_to_tempfile(&file)?;
-                size = file.seek(SeekFrom::End(0))?;
-            }
-        }
+        let raw = open_raw(path, mode)?;
         Ok(Device {
-            file,
-            size,
+            file: raw.file,
+            size: raw.size,
             path: path.to_path_buf(),
-            writable,
+            writable: access == Access::WriteExclusive,
         })
     }
 
@@ -194,15 +121,6 @@ impl Store for Device {
             );
         }
     }
-}
-
-fn gunzip_to_tempfile(src: &File) -> io::Result<File> {
-    let mut src = src.try_clone()?;
-    src.seek(SeekFrom::Start(0))?;
-    let mut reader = flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, src));
-    let mut tmp = tempfile::tempfile()?;
-    io::copy(&mut reader, &mut tmp)?;
-    Ok(tmp)
 }
 
 pub use crate::pdata::io::same_file;
