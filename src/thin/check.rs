@@ -394,12 +394,13 @@ pub fn check(
         return report;
     }
 
-    if opts.keep_counts {
-        report.counts = walker.ref_counts().map(|m| Counts {
-            metadata: m.clone(),
-            data: data_counts.clone(),
-        });
-    }
+    // The trees' metadata counts, before the space maps add their own
+    // blocks (small: a copy; the data counts are moved in at the end).
+    let tree_counts = if opts.keep_counts {
+        walker.ref_counts().cloned()
+    } else {
+        None
+    };
 
     // Space maps: load (counting their own blocks), then compare.
     let (data_sm, errs) = DiskSpaceMap::load_data(&mut walker, sb.data_sm());
@@ -431,6 +432,10 @@ pub fn check(
     let diff = meta_sm.compare(dev, &meta_counts);
     report.metadata_leaks = diff.nr_leaked;
     report_diff(&mut report, SmKind::Metadata, &diff);
+    report.counts = tree_counts.map(|metadata| Counts {
+        metadata,
+        data: data_counts,
+    });
     report
 }
 
