@@ -275,6 +275,18 @@ pub fn report(tool: &str, f: Failure) -> i32 {
     f.code
 }
 
+/// `-m[=BLOCKNR]`: None for the live metadata, Some(None) for the held
+/// metadata snapshot, Some(Some(b)) for a snapshot superblock at block b.
+pub fn parse_metadata_snap(m: &clap::ArgMatches) -> Result<Option<Option<u64>>, Failure> {
+    Ok(match m.get_one::<String>("metadata-snap") {
+        None => None,
+        Some(s) if s.is_empty() => Some(None),
+        Some(s) => Some(Some(parse_u64(s).map_err(|e| {
+            Failure::new(EXIT_USAGE, format!("--metadata-snap: {e}"))
+        })?)),
+    })
+}
+
 /// Parse a block number or count given on the command line.
 pub fn parse_u64(s: &str) -> Result<u64, String> {
     s.parse::<u64>()

@@ -127,13 +127,7 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<(), Failure> {
             ))
         }
     };
-    let metadata_snap = match m.get_one::<String>("metadata-snap") {
-        None => None,
-        Some(s) if s.is_empty() => Some(None),
-        Some(s) => Some(Some(parse_u64(s).map_err(|e| {
-            Failure::new(EXIT_USAGE, format!("--metadata-snap: {e}"))
-        })?)),
-    };
+    let metadata_snap = parse_metadata_snap(m)?;
     let left = target(m, "thin1", "root1")?;
     let right = target(m, "thin2", "root2")?;
 

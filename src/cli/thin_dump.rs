@@ -133,13 +133,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
             ))
         }
     };
-    let metadata_snap = match m.get_one::<String>("metadata-snap") {
-        None => None,
-        Some(s) if s.is_empty() => Some(None),
-        Some(s) => Some(Some(parse_u64(s).map_err(|e| {
-            Failure::new(EXIT_USAGE, format!("--metadata-snap: {e}"))
-        })?)),
-    };
+    let metadata_snap = parse_metadata_snap(m)?;
     let mut dev_ids = Vec::new();
     for s in m.get_many::<String>("dev-id").into_iter().flatten() {
         dev_ids.push(parse_u64(s).map_err(|e| Failure::new(EXIT_USAGE, format!("--dev-id: {e}")))?);

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::{Arg, Command};
 
 use super::progress::Progress;
-use super::thin_merge::{merge_failure, metadata_snap, open_file, same_file, Access};
+use super::thin_merge::{merge_failure, open_file, same_file, Access};
 use super::*;
 use crate::thin::extract::{extract, ExtractOptions, Output, Source};
 
@@ -79,7 +79,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
             .transpose()
     };
     let opts = ExtractOptions {
-        metadata_snap: metadata_snap(m)?,
+        metadata_snap: parse_metadata_snap(m)?,
         dev_id: num("dev-id")?.unwrap(),
         size: num("size")?,
     };

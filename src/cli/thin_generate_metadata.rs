@@ -26,7 +26,60 @@ fn command(name: &'static str) -> Command {
     let dflt = |h: &str, v: String| -> &'static str {
         Box::leak(format!("{h} [default: {v}]").into_boxed_str())
     };
-    Command::new(name)
+    // The model's parameters: (option, value name, help, default).
+    let params: [(&'static str, &'static str, &str, String); 10] = [
+        ("origins", "N", "Origin volumes", d.origins.to_string()),
+        (
+            "segments",
+            "N",
+            "Segments of 252 blocks per origin",
+            d.segments.to_string(),
+        ),
+        (
+            "snaps",
+            "N",
+            "Snapshot epochs (one snapshot of every origin each)",
+            d.snaps.to_string(),
+        ),
+        (
+            "fill",
+            "F",
+            "Fraction of segments provisioned",
+            d.fill.to_string(),
+        ),
+        (
+            "partial",
+            "F",
+            "Fraction of provisioned segments only partly mapped",
+            d.partial.to_string(),
+        ),
+        (
+            "writes",
+            "F",
+            "Write runs per origin and epoch, as a fraction of --segments",
+            d.writes.to_string(),
+        ),
+        (
+            "hole-writes",
+            "F",
+            "Fraction of write runs that provision a hole segment",
+            d.hole_writes.to_string(),
+        ),
+        ("seed", "N", "Random seed", d.seed.to_string()),
+        (
+            "data-block-size",
+            "SECTORS",
+            "Data block size in 512-byte sectors",
+            d.data_block_size.to_string(),
+        ),
+        (
+            "headroom",
+            "F",
+            "nr_data_blocks = data blocks used * F",
+            d.headroom.to_string(),
+        ),
+    ];
+    let mut cmd = Command::new(name)
         .about("Generate the metadata of a synthetic, aged thin pool (origins, snapshots, shared leaves)")
         .disable_version_flag(true)
         .arg(
@@ -38,58 +91,24 @@ fn command(name: &'static str) -> Command {
                 .value_parser(clap::value_parser!(PathBuf))
                 .help("Metadata device or file to write (must exist), or the XML file to create with --format xml"),
         )
-        .arg(num_arg("origins", "N", dflt("Origin volumes", d.origins.to_string())))
-        .arg(num_arg(
-            "segments",
-            "N",
-            dflt("Segments of 252 blocks per origin", d.segments.to_string()),
-        ))
-        .arg(num_arg(
-            "snaps",
-            "N",
-            dflt("Snapshot epochs (one snapshot of every origin each)", d.snaps.to_string()),
-        ))
-        .arg(num_arg("fill", "F", dflt("Fraction of segments provisioned", d.fill.to_string())))
-        .arg(num_arg(
-            "partial",
-            "F",
-            dflt("Fraction of provisioned segments only partly mapped", d.partial.to_string()),
-        ))
-        .arg(num_arg(
-            "writes",
-            "F",
-            dflt("Write runs per origin and epoch, as a fraction of --segments", d.writes.to_string()),
-        ))
-        .arg(num_arg(
-            "hole-writes",
-            "F",
-            dflt("Fraction of write runs that provision a hole segment", d.hole_writes.to_string()),
-        ))
-        .arg(num_arg("seed", "N", dflt("Random seed", d.seed.to_string())))
-        .arg(num_arg(
-            "data-block-size",
-            "SECTORS",
-            dflt("Data block size in 512-byte sectors", d.data_block_size.to_string()),
-        ))
-        .arg(num_arg(
-            "headroom",
-            "F",
-            dflt("nr_data_blocks = data blocks used * F", d.headroom.to_string()),
-        ))
-        .arg(
-            Arg::new("metadata-snap")
-                .long("metadata-snap")
-                .action(ArgAction::SetTrue)
-                .help("Also reserve a metadata snapshot of the generated pool"),
-        )
-        .arg(
-            Arg::new("format")
-                .long("format")
-                .value_name("TYPE")
-                .help("binary (default): write the metadata; xml: write thin_dump XML"),
-        )
-        .arg(quiet_arg())
-        .arg(version_arg())
+        ;
+    for (name, value, help, default) in params {
+        cmd = cmd.arg(num_arg(name, value, dflt(help, default)));
+    }
+    cmd.arg(
+        Arg::new("metadata-snap")
+            .long("metadata-snap")
+            .action(ArgAction::SetTrue)
+            .help("Also reserve a metadata snapshot of the generated pool"),
+    )
+    .arg(
+        Arg::new("format")
+            .long("format")
+            .value_name("TYPE")
+            .help("binary (default): write the metadata; xml: write thin_dump XML"),
+    )
+    .arg(quiet_arg())
+    .arg(version_arg())
 }
 
 pub fn main(name: &'static str, args: Vec<OsString>) -> i32 {

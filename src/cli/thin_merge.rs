@@ -99,17 +99,6 @@ fn dev_id(m: &clap::ArgMatches, opt: &str) -> Result<Option<u64>, Failure> {
     Ok(id)
 }
 
-/// `-m[=BLOCKNR]`.
-pub(super) fn metadata_snap(m: &clap::ArgMatches) -> Result<Option<Option<u64>>, Failure> {
-    Ok(match m.get_one::<String>("metadata-snap") {
-        None => None,
-        Some(s) if s.is_empty() => Some(None),
-        Some(s) => Some(Some(parse_u64(s).map_err(|e| {
-            Failure::new(EXIT_USAGE, format!("--metadata-snap: {e}"))
-        })?)),
-    })
-}
-
 fn run(name: &str, m: &clap::ArgMatches) -> Result<(), Failure> {
     let meta_path = m.get_one::<PathBuf>("metadata").unwrap();
     let quiet = m.get_flag("quiet");
@@ -134,7 +123,7 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<(), Failure> {
         ));
     };
     let opts = ExternalMerge {
-        metadata_snap: metadata_snap(m)?,
+        metadata_snap: parse_metadata_snap(m)?,
         dev_id: id,
         delta_from: dev_id(m, "delta-from")?,
         fail_after_writes: num(m, "fail-after-writes")?,
