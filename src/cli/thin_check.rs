@@ -87,19 +87,37 @@ fn opt_block(m: &clap::ArgMatches, id: &str) -> Result<Option<u64>, Failure> {
 fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
     let input = m.get_one::<PathBuf>("INPUT").unwrap();
     let quiet = m.get_flag("quiet");
-    let opts = CheckOptions {
+    let mut opts = CheckOptions {
         sb_only: m.get_flag("super-block-only"),
         skip_mappings: m.get_flag("skip-mappings"),
         ignore_non_fatal: m.get_flag("ignore-non-fatal-errors"),
         metadata_snap: m.get_flag("metadata-snap"),
         override_mapping_root: opt_block(m, "override-mapping-root")?,
         override_details_root: opt_block(m, "override-details-root")?,
-        keep_counts: m.get_flag("auto-repair"),
+        keep_counts: false,
     };
     let clear_needs_check = m.get_flag("clear-needs-check-flag");
     let auto_repair = m.get_flag("auto-repair");
     let writes = clear_needs_check || auto_repair;
     let overrides = opts.override_mapping_root.is_some() || opts.override_details_root.is_some();
+    // As the peer: --auto-repair needs the full check it repairs from, so
+    // the options that weaken the check are refused with it.
+    // (--clear-needs-check-flag accepts them and clears the flag after the
+    // weaker check passes, as the peer does.)
+    for (set, opt) in [
+        (opts.ignore_non_fatal, "--ignore-non-fatal-errors"),
+        (opts.skip_mappings, "--skip-mappings"),
+        (opts.sb_only, "--super-block-only"),
+    ] {
+        if auto_repair && set {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                format!(
+                    "--auto-repair cannot be combined with {opt}: it repairs from a full check"
+                ),
+            ));
+        }
+    }
     if opts.metadata_snap && overrides {
         return Err(Failure::new(
             EXIT_USAGE,
@@ -118,7 +136,11 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
     } else {
         OpenMode::ReadOnlyExclusive
     };
-    let dev = open_device(input, mode)?;
+    let dev = open_input(input, mode)?;
+    refuse_xml(input, &dev)?;
+    // Leaks are freed from the counts the check recomputes (the peer frees
+    // them for --clear-needs-check-flag too, LVM's default).
+    opts.keep_counts = writes && !opts.sb_only && !opts.skip_mappings;
     let mut progress = Progress::new("Checking mappings", quiet, true);
     let rep = check(&dev, &opts, &mut |d, t| progress.update(d, t));
     progress.finish();
@@ -135,27 +157,27 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
     }
 
     let passed = rep.passed(opts.ignore_non_fatal);
-    let only_leaks = rep
+    let fatal = rep
         .findings
         .iter()
-        .all(|f| f.severity == Severity::NonFatal)
-        && rep.data_leaks + rep.metadata_leaks > 0;
-    if auto_repair && only_leaks {
+        .filter(|f| f.severity == Severity::Fatal)
+        .count();
+    let nonfatal = rep.findings.len() - fatal;
+    let leak_findings = (rep.data_leaks > 0) as usize + (rep.metadata_leaks > 0) as usize;
+    // Leaked blocks and nothing else that fails the check: freeing them is
+    // safe. Any other finding (fatal, or non-fatal and not ignored) refuses
+    // the write.
+    let only_leaks =
+        fatal == 0 && leak_findings > 0 && (nonfatal == leak_findings || opts.ignore_non_fatal);
+    if writes && only_leaks && rep.counts.is_some() {
         // Leaks are fixed even when --ignore-non-fatal-errors accepts them.
         drop(dev);
         return fix_leaks(name, input, rep, quiet, opts.ignore_non_fatal);
     }
     if !passed {
         if !quiet {
-            let fatal = rep
-                .findings
-                .iter()
-                .filter(|f| f.severity == Severity::Fatal)
-                .count();
-            let nonfatal = rep.findings.len() - fatal;
-            let leak_findings = (rep.data_leaks > 0) as usize + (rep.metadata_leaks > 0) as usize;
             let hint = if fatal == 0 && leak_findings > 0 && nonfatal == leak_findings {
-                " (only leaked blocks: the pool is usable; --ignore-non-fatal-errors accepts them)"
+                " (only leaked blocks: the pool is usable; --ignore-non-fatal-errors accepts them, --auto-repair or --clear-needs-check-flag frees them)"
             } else {
                 ""
             };
@@ -164,9 +186,9 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
                 input.display()
             );
         }
-        if auto_repair && !quiet {
+        if writes && !quiet {
             eprintln!(
-                "{name}: {}: --auto-repair only fixes leaked blocks and the needs_check flag; nothing was written (use thin_repair)",
+                "{name}: {}: only leaked blocks and the needs_check flag are fixed in place; nothing was written (use thin_repair)",
                 input.display()
             );
         }
@@ -298,4 +320,71 @@ fn clear_needs_check_flag(input: &Path, checked: &Superblock) -> Result<(), Fail
     dev.write_block(SUPERBLOCK_LOCATION, &block).map_err(io)?;
     dev.sync().map_err(io)?;
     Ok(())
+}
+
+/// The peer's words for input that is not binary metadata; scripts look for them.
+const TOO_SMALL: &str = "Metadata device/file too small.  Is this binary metadata?";
+const LOOKS_LIKE_XML: &str =
+    "This looks like XML.  This tool only supports the binary metadata format.";
+
+/// The shared open path, with thin_check's words for input too small to be
+/// metadata (an XML file, most often).
+fn open_input(input: &Path, mode: OpenMode) -> Result<BlockDevice, Failure> {
+    match BlockDevice::open(input, mode) {
+        Ok(dev) => Ok(dev),
+        Err(OpenError::TooSmall(size)) => {
+            let mut head = Vec::new();
+            // A regular file can be read again; a pipe cannot (it was consumed).
+            if std::fs::metadata(input).is_ok_and(|m| m.is_file()) {
+                if let Ok(f) = std::fs::File::open(input) {
+                    use std::io::Read;
+                    let _ = f.take(BLOCK_SIZE as u64).read_to_end(&mut head);
+                }
+            }
+            let what = if looks_like_xml(&head) {
+                xml_message()
+            } else {
+                format!("{TOO_SMALL} ({size} bytes; metadata starts with a 4096-byte superblock)")
+            };
+            Err(Failure::new(
+                EXIT_NO_INPUT,
+                format!("{}: {what}", input.display()),
+            ))
+        }
+        Err(e) => Err(open_failure(input, e)),
+    }
+}
+
+fn xml_message() -> String {
+    format!("{LOOKS_LIKE_XML} (this is an XML dump; thin_restore writes it to a metadata device or file)")
+}
+
+/// XML where block 0 should hold a superblock: say so instead of reporting a
+/// bad checksum. A valid superblock is never mistaken for XML.
+fn refuse_xml(input: &Path, dev: &BlockDevice) -> Result<(), Failure> {
+    let mut block = vec![0u8; BLOCK_SIZE];
+    if dev.read_block(SUPERBLOCK_LOCATION, &mut block).is_err()
+        || Superblock::parse(SUPERBLOCK_LOCATION, &block).is_ok()
+        || !looks_like_xml(&block)
+    {
+        return Ok(());
+    }
+    Err(Failure::new(
+        EXIT_NO_INPUT,
+        format!("{}: {}", input.display(), xml_message()),
+    ))
+}
+
+/// Text that starts (after a byte-order mark and white space) with an XML
+/// declaration or one of the thin dump's elements.
+fn looks_like_xml(head: &[u8]) -> bool {
+    let head = head.strip_prefix(b"\xef\xbb\xbf").unwrap_or(head);
+    let start = head
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(head.len());
+    let text = &head[start..];
+    [&b"<?xml"[..], b"<superblock", b"<!--"]
+        .iter()
+        .any(|p| text.starts_with(p))
 }

@@ -146,7 +146,7 @@ pub fn check(
     let mut sb = match read_superblock(dev, SUPERBLOCK_LOCATION) {
         Ok(sb) => sb,
         Err(e) => {
-            report.fatal("superblock", &e);
+            superblock_failure(&mut report, &e);
             return report;
         }
     };
@@ -157,7 +157,11 @@ pub fn check(
     if let Some(r) = opts.override_details_root {
         sb.details_root = r;
     }
-    check_superblock_fields(dev, &sb, &mut report);
+    check_superblock_fields(dev, &sb, opts.sb_only, &mut report);
+    if opts.sb_only && !opts.metadata_snap {
+        // Block 0 alone: a device truncated to its superblock passes.
+        return report;
+    }
 
     let snap = (sb.metadata_snap != 0).then(|| read_superblock(dev, sb.metadata_snap));
     if opts.metadata_snap {
@@ -439,7 +443,37 @@ pub fn check(
     report
 }
 
-fn check_superblock_fields(dev: &BlockDevice, sb: &Superblock, report: &mut CheckReport) {
+/// The superblock could not be read. A checksum that fails says so in the
+/// words scripts look for ("bad checksum in superblock").
+fn superblock_failure(report: &mut CheckReport, e: &PError) {
+    use crate::pdata::error::Problem;
+    let message = match e {
+        PError::Corrupt {
+            block,
+            problem: Problem::BadChecksum { found: None, .. },
+        } => format!(
+            "block {block}: bad checksum in superblock (the block is no known metadata block)"
+        ),
+        PError::Corrupt {
+            block,
+            problem: Problem::BadChecksum { found: Some(k), .. },
+        } => format!("block {block}: bad checksum in superblock (the block holds a {k})"),
+        _ => {
+            report.fatal("superblock", e);
+            return;
+        }
+    };
+    report.add(Severity::Fatal, "superblock", message);
+}
+
+/// Fields of the superblock that must agree with each other and, unless
+/// only the superblock is checked (`sb_only`), with the device's size.
+fn check_superblock_fields(
+    dev: &BlockDevice,
+    sb: &Superblock,
+    sb_only: bool,
+    report: &mut CheckReport,
+) {
     for (kind, r) in [("metadata", sb.metadata_sm()), ("data", sb.data_sm())] {
         if r.nr_allocated > r.nr_blocks {
             let msg = format!(
@@ -447,6 +481,9 @@ fn check_superblock_fields(dev: &BlockDevice, sb: &Superblock, report: &mut Chec
                 r.nr_allocated, r.nr_blocks
             );
             report.add(Severity::Fatal, "superblock", msg);
+        }
+        if sb_only {
+            continue;
         }
         // Each 16320 blocks need a bitmap block on this device: a larger
         // count is damage (and would make the recomputed counts unbounded).
@@ -458,6 +495,9 @@ fn check_superblock_fields(dev: &BlockDevice, sb: &Superblock, report: &mut Chec
             );
             report.add(Severity::Fatal, "superblock", msg);
         }
+    }
+    if sb_only {
+        return;
     }
     for (name, b) in [
         ("mapping root", sb.mapping_root),
