@@ -172,6 +172,35 @@ fn lvm_default_options_free_metadata_leaks_and_clear_needs_check() {
     );
 }
 
+/// Make the superblock's metadata space-map root under-count its
+/// allocated blocks by `by` (as a crash between bitmap and root updates, or
+/// the peer's leak generator, leaves it).
+fn lag_root_counter(p: &Path, by: u64) {
+    let dev = BlockDevice::open(p, OpenMode::ReadOnly).unwrap();
+    let mut sb = read_superblock(&dev, 0).unwrap();
+    let mut root = sb.metadata_sm();
+    root.nr_allocated -= by;
+    sb.metadata_sm_root = thinmeta::thin::superblock::Superblock::sm_root_bytes(&root);
+    open_rw(p).write_all_at(&sb.encode(), 0).unwrap();
+}
+
+#[test]
+fn leaks_with_stale_space_map_counters_are_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    for (leaks, lag) in [(&[700u64, 701][..], 2), (&[][..], 1)] {
+        let p = leaky_copy(dir.path(), "c.img", leaks, &[], true);
+        lag_root_counter(&p, lag);
+        let out = run("thin_check", &[s(&p)]);
+        let err = stderr(&out);
+        assert!(
+            err.contains("blocks are allocated; its bitmaps count"),
+            "{err}"
+        );
+        assert!(err.contains("0 fatal"), "{err}");
+        assert_frees_leaks(&p, &["-q", "--clear-needs-check-flag"]);
+    }
+}
+
 #[test]
 fn data_leaks_are_freed_as_the_peer_frees_them() {
     // The peer (1.3.3) frees leaked data blocks for --clear-needs-check-flag
@@ -405,4 +434,13 @@ fn input_that_is_not_binary_metadata_is_named() {
     let err = stderr(&out);
     assert!(err.contains("block 0: bad checksum in superblock"), "{err}");
     assert!(!err.contains("XML"), "{err}");
+    // All zeros: no superblock at all, and no valid checksum either.
+    f.write_all_at(&[0u8; BLOCK_SIZE], 0).unwrap();
+    let out = run("thin_check", &[s(&meta)]);
+    assert_eq!(out.status.code(), Some(65));
+    let err = stderr(&out);
+    assert!(
+        err.contains("bad checksum in superblock") && err.contains("all zeros"),
+        "{err}"
+    );
 }

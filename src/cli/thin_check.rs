@@ -163,21 +163,19 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
         .filter(|f| f.severity == Severity::Fatal)
         .count();
     let nonfatal = rep.findings.len() - fatal;
-    let leak_findings = (rep.data_leaks > 0) as usize + (rep.metadata_leaks > 0) as usize;
-    // Leaked blocks and nothing else that fails the check: freeing them is
-    // safe. Any other finding (fatal, or non-fatal and not ignored) refuses
-    // the write.
-    let only_leaks =
-        fatal == 0 && leak_findings > 0 && (nonfatal == leak_findings || opts.ignore_non_fatal);
-    if writes && only_leaks && rep.counts.is_some() {
+    // Leaked blocks (and the space maps' counters that go with them) and
+    // nothing else that fails the check: rebuilding the space maps is safe.
+    // Any other finding (fatal, or non-fatal and not ignored) refuses the
+    // write.
+    if writes && rep.space_maps_repairable(opts.ignore_non_fatal) && rep.counts.is_some() {
         // Leaks are fixed even when --ignore-non-fatal-errors accepts them.
         drop(dev);
         return fix_leaks(name, input, rep, quiet, opts.ignore_non_fatal);
     }
     if !passed {
         if !quiet {
-            let hint = if fatal == 0 && leak_findings > 0 && nonfatal == leak_findings {
-                " (only leaked blocks: the pool is usable; --ignore-non-fatal-errors accepts them, --auto-repair or --clear-needs-check-flag frees them)"
+            let hint = if rep.space_maps_repairable(false) {
+                " (only leaked blocks or space-map counters: the pool is usable; --ignore-non-fatal-errors accepts them, --auto-repair or --clear-needs-check-flag rebuilds the space maps)"
             } else {
                 ""
             };
@@ -188,7 +186,7 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
         }
         if writes && !quiet {
             eprintln!(
-                "{name}: {}: only leaked blocks and the needs_check flag are fixed in place; nothing was written (use thin_repair)",
+                "{name}: {}: only leaked blocks, space-map counters and the needs_check flag are fixed in place; nothing was written (use thin_repair)",
                 input.display()
             );
         }

@@ -68,6 +68,9 @@ pub struct CheckReport {
     /// Leaked blocks per space map (trivially repairable).
     pub data_leaks: u64,
     pub metadata_leaks: u64,
+    /// Non-fatal findings of the space-map comparison (leaks, index and
+    /// root counters): all fixed by [`rebuild_space_maps`].
+    pub space_map_findings: usize,
     /// With [`CheckOptions::keep_counts`], when the trees could be read.
     pub counts: Option<Counts>,
 }
@@ -78,6 +81,16 @@ impl CheckReport {
             .findings
             .iter()
             .any(|f| f.severity == Severity::Fatal || !ignore_non_fatal)
+    }
+
+    /// True when rebuilding the space maps from the recomputed counts
+    /// fixes every finding that fails the check: there are space-map
+    /// findings (leaks, counters), nothing fatal, and no other non-fatal
+    /// finding unless those are ignored.
+    pub fn space_maps_repairable(&self, ignore_non_fatal: bool) -> bool {
+        !self.has_fatal()
+            && self.space_map_findings > 0
+            && (ignore_non_fatal || self.findings.len() == self.space_map_findings)
     }
 
     /// `METADATA_FREE_BLOCKS` as LVM and scripts read it.
@@ -146,7 +159,7 @@ pub fn check(
     let mut sb = match read_superblock(dev, SUPERBLOCK_LOCATION) {
         Ok(sb) => sb,
         Err(e) => {
-            superblock_failure(&mut report, &e);
+            superblock_failure(dev, &mut report, &e);
             return report;
         }
     };
@@ -443,27 +456,33 @@ pub fn check(
     report
 }
 
-/// The superblock could not be read. A checksum that fails says so in the
-/// words scripts look for ("bad checksum in superblock").
-fn superblock_failure(report: &mut CheckReport, e: &PError) {
+/// The superblock could not be read. When its checksum fails, say so in
+/// the words scripts look for ("bad checksum in superblock"), with what the
+/// block holds instead.
+fn superblock_failure(dev: &BlockDevice, report: &mut CheckReport, e: &PError) {
+    use crate::pdata::checksum::{verify, BlockKind};
     use crate::pdata::error::Problem;
-    let message = match e {
-        PError::Corrupt {
-            block,
-            problem: Problem::BadChecksum { found: None, .. },
-        } => format!(
-            "block {block}: bad checksum in superblock (the block is no known metadata block)"
-        ),
-        PError::Corrupt {
-            block,
-            problem: Problem::BadChecksum { found: Some(k), .. },
-        } => format!("block {block}: bad checksum in superblock (the block holds a {k})"),
-        _ => {
-            report.fatal("superblock", e);
-            return;
-        }
+    let mut block = vec![0u8; crate::pdata::BLOCK_SIZE];
+    let bad_checksum = dev.read_block(SUPERBLOCK_LOCATION, &mut block).is_ok()
+        && !verify(&block, BlockKind::ThinSuperblock);
+    let PError::Corrupt { block, problem } = e else {
+        report.fatal("superblock", e);
+        return;
     };
-    report.add(Severity::Fatal, "superblock", message);
+    if !bad_checksum {
+        report.fatal("superblock", e);
+        return;
+    }
+    let what = match problem {
+        Problem::BadChecksum { found: None, .. } => "the block is no known metadata block".into(),
+        Problem::BadChecksum { found: Some(k), .. } => format!("the block holds a {k}"),
+        p => p.to_string(),
+    };
+    report.add(
+        Severity::Fatal,
+        "superblock",
+        format!("block {block}: bad checksum in superblock ({what})"),
+    );
 }
 
 /// Fields of the superblock that must agree with each other and, unless
@@ -532,6 +551,7 @@ fn report_diff(report: &mut CheckReport, kind: SmKind, diff: &SmDiff) {
             diff.nr_leaked
         );
         report.add(Severity::NonFatal, area.clone(), msg);
+        report.space_map_findings += 1;
     }
     if diff.nr_mismatched > 0 {
         let list = listed(
@@ -548,6 +568,7 @@ fn report_diff(report: &mut CheckReport, kind: SmKind, diff: &SmDiff) {
     }
     for w in &diff.warnings {
         report.add(Severity::NonFatal, area.clone(), w.clone());
+        report.space_map_findings += 1;
     }
 }
 
