@@ -168,7 +168,8 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
     // Any other finding (fatal, or non-fatal and not ignored) refuses the
     // write.
     if writes && rep.space_maps_repairable(opts.ignore_non_fatal) && rep.counts.is_some() {
-        // Leaks are fixed even when --ignore-non-fatal-errors accepts them.
+        // With --clear-needs-check-flag, leaks are fixed even when
+        // --ignore-non-fatal-errors accepts them (as the peer).
         drop(dev);
         return fix_leaks(name, input, rep, quiet, opts.ignore_non_fatal);
     }
@@ -211,9 +212,9 @@ fn run(name: &str, m: &clap::ArgMatches) -> Result<i32, Failure> {
     Ok(EXIT_OK)
 }
 
-/// --auto-repair of leaked blocks: rebuild both space maps from the counts
-/// the check recomputed (crash-safe: new blocks, then the superblock), then
-/// check again.
+/// --auto-repair (and --clear-needs-check-flag) of leaked blocks: rebuild
+/// both space maps from the counts the check recomputed (crash-safe: new
+/// blocks, then the superblock, needs_check cleared), then check again.
 fn fix_leaks(
     name: &str,
     input: &Path,
@@ -252,7 +253,7 @@ fn fix_leaks(
     .map_err(|e| {
         Failure::new(
             if e.is_io() { EXIT_IO } else { EXIT_DAMAGED },
-            format!("{}: --auto-repair: {e}", input.display()),
+            format!("{}: rebuilding the space maps: {e}", input.display()),
         )
     })?;
     if !quiet {
