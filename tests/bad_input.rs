@@ -99,16 +99,6 @@ fn usage_errors_exit_64_never_2() {
     assert_eq!(std::fs::read(&meta).unwrap(), before, "input untouched");
     let out = run("thin_dump", &["--format", "yaml", "x"]);
     assert_eq!(out.status.code(), Some(64));
-    // Overrides only make sense with --repair.
-    let out = run(
-        "thin_dump",
-        &[
-            "--transaction-id",
-            "3",
-            fixture_dir().join("meta.img.gz").to_str().unwrap(),
-        ],
-    );
-    assert_eq!(out.status.code(), Some(64), "override without --repair");
 }
 
 #[test]

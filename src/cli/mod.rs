@@ -196,6 +196,9 @@ fn install_links(dir: Option<OsString>) -> i32 {
 /// Parse with clap, mapping its outcomes to our exit codes: help and
 /// version print and exit 0, any usage error exits 64 (clap would use 2).
 pub fn parse_args(cmd: clap::Command, args: Vec<OsString>) -> Result<clap::ArgMatches, i32> {
+    let mut cmd = cmd;
+    cmd.build();
+    let args = drop_empty_args(&cmd, args);
     // `-V` prints the bare version (clap would print "NAME VERSION"), also
     // when the required arguments are missing (`thin_check -V`).
     let has_v = args.iter().skip(1).any(|a| a == "-V" || a == "--version");
@@ -220,6 +223,70 @@ pub fn parse_args(cmd: clap::Command, args: Vec<OsString>) -> Result<clap::ArgMa
     }
 }
 
+/// Drop the empty-string arguments that are not an option's value.
+///
+/// LVM passes its configured tool options through unchanged, and the
+/// defaults of `thin_repair_options` and `thin_restore_options` are
+/// `[ "" ]`: `thin_repair "" -i IN -o OUT`. An empty word in an argument's
+/// place means nothing, so every tool ignores it. An empty word in a
+/// value's place (`-o ""`, `--dev-id ""`) stays, and the option refuses it,
+/// so a value never shifts onto the next word. `cmd` must be built.
+pub fn drop_empty_args(cmd: &clap::Command, args: Vec<OsString>) -> Vec<OsString> {
+    // Does this option take its value from the next word when none is attached?
+    let takes_value = |a: &clap::Arg| {
+        !a.is_positional()
+            && !a.is_require_equals_set()
+            && a.get_num_args().is_some_and(|r| r.takes_values())
+    };
+    let long_takes_value = |name: &str| {
+        cmd.get_arguments().any(|a| {
+            takes_value(a)
+                && (a.get_long() == Some(name)
+                    || a.get_all_aliases().into_iter().flatten().any(|x| x == name))
+        })
+    };
+    let short_takes_value = |c: char| {
+        cmd.get_arguments().any(|a| {
+            takes_value(a)
+                && (a.get_short() == Some(c)
+                    || a.get_all_short_aliases()
+                        .into_iter()
+                        .flatten()
+                        .any(|x| x == c))
+        })
+    };
+    let mut out = Vec::with_capacity(args.len());
+    let mut value_next = false;
+    let mut only_positionals = false;
+    for (i, a) in args.into_iter().enumerate() {
+        if i == 0 || value_next {
+            // argv[0], or an option's value (even an empty one).
+            value_next = false;
+            out.push(a);
+            continue;
+        }
+        if a.is_empty() {
+            continue;
+        }
+        let s = a.to_string_lossy();
+        if only_positionals {
+            // After `--` every word is an argument.
+        } else if s == "--" {
+            only_positionals = true;
+        } else if let Some(long) = s.strip_prefix("--") {
+            value_next = !long.contains('=') && long_takes_value(long);
+        } else if let Some(shorts) = s.strip_prefix('-') {
+            // A cluster such as `-qo FILE`: the first value-taking letter
+            // takes the rest of the word, or the next word when it is last.
+            if let Some((j, c)) = shorts.char_indices().find(|&(_, c)| short_takes_value(c)) {
+                value_next = j + c.len_utf8() == shorts.len();
+            }
+        }
+        out.push(a);
+    }
+    out
+}
+
 /// The `-q/--quiet` argument every tool takes.
 pub fn quiet_arg() -> clap::Arg {
     clap::Arg::new("quiet")
@@ -238,14 +305,51 @@ pub fn version_arg() -> clap::Arg {
         .action(clap::ArgAction::SetTrue)
 }
 
-/// Open a metadata device, turning failures into messages that name it.
+/// Open a tool's input metadata device, turning failures into messages
+/// that name it. A file that holds XML text is refused: the binary metadata
+/// readers cannot read a dump (see [`xml_input_failure`]).
 pub fn open_device(path: &Path, mode: OpenMode) -> Result<BlockDevice, Failure> {
-    BlockDevice::open(path, mode).map_err(|e| open_failure(path, e))
+    let dev = BlockDevice::open(path, mode).map_err(|e| {
+        if matches!(e, OpenError::TooSmall(_)) && small_file_is_xml(path) {
+            xml_input_failure(path)
+        } else {
+            open_failure(path, e)
+        }
+    })?;
+    let mut head = vec![0u8; crate::pdata::BLOCK_SIZE];
+    if dev.read_block(0, &mut head).is_ok() && crate::pdata::io::looks_like_xml(&head) {
+        return Err(xml_input_failure(path));
+    }
+    Ok(dev)
 }
 
-/// Message and exit code for a device `path` that could not be opened.
-pub fn open_failure(path: &Path, e: OpenError) -> Failure {
-    let code = match e {
+/// Open the device a tool writes new metadata to (thin_restore's and
+/// thin_repair's `-o`): whatever it holds is overwritten, so it is not
+/// sniffed for XML.
+pub fn open_output(path: &Path, mode: OpenMode) -> Result<BlockDevice, Failure> {
+    BlockDevice::open(path, mode).map_err(|e| output_open_failure(path, e))
+}
+
+/// The failure for an XML file given where binary metadata is expected.
+/// The message holds the peer's sentence, which scripts look for.
+pub fn xml_input_failure(path: &Path) -> Failure {
+    Failure::new(
+        EXIT_NO_INPUT,
+        format!(
+            "{}: This looks like XML.  This tool only supports the binary metadata format. (thin_restore writes metadata from an XML dump)",
+            path.display()
+        ),
+    )
+}
+
+/// A regular file smaller than one block that holds XML text.
+fn small_file_is_xml(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() < 4096)
+        && std::fs::read(path).is_ok_and(|b| crate::pdata::io::looks_like_xml(&b))
+}
+
+fn open_failure_code(e: &OpenError) -> i32 {
+    match e {
         OpenError::NotFound
         | OpenError::IsDirectory
         | OpenError::TooSmall(_)
@@ -253,8 +357,34 @@ pub fn open_failure(path: &Path, e: OpenError) -> Failure {
         OpenError::Busy => EXIT_BUSY,
         OpenError::Compressed | OpenError::NotSeekable => EXIT_USAGE,
         OpenError::Io(_) => EXIT_IO,
+    }
+}
+
+/// Message and exit code for an input device `path` that could not be
+/// opened. Messages hold the peer's phrases ("Couldn't find input file",
+/// "Not a block device or regular file", "Permission denied", "Metadata
+/// device/file too small.  Is this binary metadata?").
+pub fn open_failure(path: &Path, e: OpenError) -> Failure {
+    let code = open_failure_code(&e);
+    let msg = match e {
+        OpenError::NotFound => format!("{}: Couldn't find input file: {e}", path.display()),
+        e => format!("{}: {e}", path.display()),
     };
-    Failure::new(code, format!("{}: {e}", path.display()))
+    Failure::new(code, msg)
+}
+
+/// Message and exit code for an output device `path` that could not be opened.
+pub fn output_open_failure(path: &Path, e: OpenError) -> Failure {
+    let code = open_failure_code(&e);
+    let msg = match e {
+        OpenError::NotFound => format!("{}: Couldn't find output file: {e}", path.display()),
+        OpenError::TooSmall(n) => format!(
+            "{}: Output file too small ({n} bytes; thin metadata needs at least one 4096-byte block)",
+            path.display()
+        ),
+        e => format!("{}: {e}", path.display()),
+    };
+    Failure::new(code, msg)
 }
 
 /// Message and exit code for a library error about device `path`.
@@ -341,7 +471,7 @@ pub fn parse_overrides(m: &clap::ArgMatches) -> Result<crate::thin::restore::Ove
             return Err(Failure::new(
                 EXIT_USAGE,
                 format!(
-                "--data-block-size: {s} sectors is not a multiple of 128 between 128 and 2097152"
+                "--data-block-size: invalid data block size: {s} sectors is not a multiple of 128 between 128 and 2097152"
             ),
             ))
         }
@@ -361,11 +491,60 @@ pub fn build_failure(e: crate::thin::restore::BuildError, input: &Path, output: 
         E::InputIo(msg) => Failure::new(EXIT_IO, format!("{}: {msg}", input.display())),
         e @ E::TooSmall { .. } => Failure::new(
             EXIT_NO_INPUT,
-            format!("{}: too small: {e} (nothing was written)", output.display()),
+            format!(
+                "{}: Output file too small: {e} (nothing was written)",
+                output.display()
+            ),
         ),
         E::Metadata(e) => Failure::new(
             if e.is_io() { EXIT_IO } else { EXIT_INTERNAL },
             format!("{}: {e}", output.display()),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(v: &[&str]) -> Vec<OsString> {
+        v.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn empty_words_go_unless_they_are_an_options_value() {
+        let mut cmd = clap::Command::new("t")
+            .arg(clap::Arg::new("INPUT"))
+            .arg(clap::Arg::new("output").short('o').long("output"))
+            .arg(
+                clap::Arg::new("snap")
+                    .short('m')
+                    .num_args(0..=1)
+                    .require_equals(true),
+            )
+            .arg(quiet_arg())
+            .arg(clap::Arg::new("id").long("id").visible_alias("dev"));
+        cmd.build();
+        let cases: &[(&[&str], &[&str])] = &[
+            (&["t", "", "in", ""], &["t", "in"]),
+            (&["", "", "in"], &["", "in"]),
+            (&["t", "-o", "", "in"], &["t", "-o", "", "in"]),
+            (&["t", "--output", "", "in"], &["t", "--output", "", "in"]),
+            (&["t", "--output=x", "", "in"], &["t", "--output=x", "in"]),
+            (&["t", "-qo", "", "in"], &["t", "-qo", "", "in"]),
+            (&["t", "-ox", "", "in"], &["t", "-ox", "in"]),
+            (&["t", "-q", "", "in"], &["t", "-q", "in"]),
+            (&["t", "-m", "", "in"], &["t", "-m", "in"]),
+            (&["t", "--dev", "", "in"], &["t", "--dev", "", "in"]),
+            (&["t", "--", "", "in"], &["t", "--", "in"]),
+            (&["t", "--", "-o", "", "in"], &["t", "--", "-o", "in"]),
+        ];
+        for (given, want) in cases {
+            assert_eq!(
+                drop_empty_args(&cmd, words(given)),
+                words(want),
+                "{given:?}"
+            );
+        }
     }
 }

@@ -111,16 +111,6 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
             "--repair dumps everything recoverable from the live metadata; it cannot be combined with -m, --dev-id or --skip-mappings",
         ));
     }
-    if !repair
-        && (overrides.transaction_id.is_some()
-            || overrides.data_block_size.is_some()
-            || overrides.nr_data_blocks.is_some())
-    {
-        return Err(Failure::new(
-            EXIT_USAGE,
-            "--transaction-id, --data-block-size and --nr-data-blocks only apply with --repair",
-        ));
-    }
 
     let format = match m.get_one::<String>("format").map(String::as_str) {
         None | Some("xml") => Format::Xml,
@@ -142,6 +132,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
         metadata_snap,
         dev_ids,
         skip_mappings: m.get_flag("skip-mappings"),
+        overrides,
     };
 
     // Live metadata is opened exclusively, so a pool in use is refused;

@@ -264,7 +264,7 @@ fn generate_binary(
     quiet: bool,
 ) -> Result<(ModelStats, Option<u64>), Failure> {
     // Open first: a wrong path fails before the model is built.
-    let dev = open_device(output, OpenMode::ReadWriteExclusive)?;
+    let dev = open_output(output, OpenMode::ReadWriteExclusive)?;
     let model = Model::build(p).map_err(usage)?;
     let stats = model.stats();
     let r = build_pool(&dev, Overrides::default(), p.metadata_snap, |b, pass| {
@@ -279,7 +279,10 @@ fn generate_binary(
         Ok(built) => Ok((stats, Some(built.metadata_blocks_used))),
         Err(e @ BuildError::TooSmall { .. }) => Err(Failure::new(
             EXIT_NO_INPUT,
-            format!("{}: too small: {e} (nothing was written)", output.display()),
+            format!(
+                "{}: Output file too small: {e} (nothing was written)",
+                output.display()
+            ),
         )),
         Err(BuildError::Metadata(e)) => Err(Failure::new(
             if e.is_io() { EXIT_IO } else { EXIT_INTERNAL },

@@ -380,8 +380,10 @@ pub(super) fn open_file(path: &Path, access: Access, exclusive: bool) -> Result<
         (Access::Read, true) => OpenMode::ReadOnlyExclusive,
         (Access::Write, _) => OpenMode::ReadWriteExclusive,
     };
-    let mut raw =
-        crate::pdata::io::open_raw(path, mode).map_err(|e| super::open_failure(path, e))?;
+    let mut raw = crate::pdata::io::open_raw(path, mode).map_err(|e| match access {
+        Access::Read => super::open_failure(path, e),
+        Access::Write => super::output_open_failure(path, e),
+    })?;
     raw.file
         .seek(SeekFrom::Start(0))
         .map_err(|e| open_failure(path, e))?;
@@ -398,7 +400,7 @@ fn open_failure(path: &Path, e: std::io::Error) -> Failure {
             EXIT_BUSY,
             "device is in use (held open by a live pool, or mounted)".to_string(),
         ),
-        Some(libc::EACCES) | Some(libc::EPERM) => (EXIT_NO_INPUT, "permission denied".to_string()),
+        Some(libc::EACCES) | Some(libc::EPERM) => (EXIT_NO_INPUT, "Permission denied".to_string()),
         Some(libc::EROFS) => (EXIT_NO_INPUT, "read-only file system".to_string()),
         _ => (EXIT_IO, e.to_string()),
     };

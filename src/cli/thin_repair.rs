@@ -35,7 +35,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
         ));
     }
     let src = open_device(input, OpenMode::ReadOnlyExclusive)?;
-    let dst = open_device(output, OpenMode::ReadWriteExclusive)?;
+    let dst = open_output(output, OpenMode::ReadWriteExclusive)?;
     let mut progress = Progress::new("Scanning", quiet, true);
     let found =
         crate::thin::repair::find_source(&src, overrides, &mut |d, t| progress.update(d, t));

@@ -68,8 +68,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let quiet = m.get_flag("quiet");
     let overrides = parse_overrides(m)?;
 
-    let md = std::fs::metadata(input)
-        .map_err(|e| Failure::new(EXIT_NO_INPUT, format!("{}: {e}", input.display())))?;
+    let md = std::fs::metadata(input).map_err(|e| open_failure(input, e.into()))?;
     if !md.is_file() {
         // Two passes read the input twice: it must be a file.
         return Err(Failure::new(
@@ -80,7 +79,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
             ),
         ));
     }
-    let dev = open_device(output, OpenMode::ReadWriteExclusive)?;
+    let dev = open_output(output, OpenMode::ReadWriteExclusive)?;
     let r = restore_xml(&dev, overrides, |pass| open_xml(input, pass, quiet));
     match r {
         Ok(built) => {

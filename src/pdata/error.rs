@@ -26,6 +26,19 @@ pub enum Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // "bad checksum in superblock" is the peer's phrase, which
+            // scripts look for.
+            Problem::BadChecksum {
+                expected: BlockKind::ThinSuperblock,
+                found: None,
+            } => f.write_str("bad checksum in superblock (the block is no known metadata block)"),
+            Problem::BadChecksum {
+                expected: BlockKind::ThinSuperblock,
+                found: Some(k),
+            } => write!(
+                f,
+                "bad checksum in superblock (expected a thin superblock but found a {k})"
+            ),
             Problem::BadChecksum {
                 expected,
                 found: None,

@@ -30,13 +30,13 @@ pub enum OpenMode {
 pub enum OpenError {
     #[error("no such file or device")]
     NotFound,
-    #[error("is a directory, not a metadata device or file")]
+    #[error("is a directory: Not a block device or regular file")]
     IsDirectory,
     #[error("device is in use (held open by a live pool or snapshot, mounted, or locked by another thinmeta tool)")]
     Busy,
-    #[error("permission denied")]
+    #[error("Permission denied")]
     PermissionDenied,
-    #[error("too small to hold thin metadata ({0} bytes; at least one 4096-byte block is needed)")]
+    #[error("Metadata device/file too small.  Is this binary metadata? ({0} bytes; thin metadata needs at least one 4096-byte block)")]
     TooSmall(u64),
     #[error("is gzip-compressed; unpack it before writing to it")]
     Compressed,
@@ -305,6 +305,32 @@ fn gunzip_to_tempfile(src: &File) -> std::io::Result<File> {
     let mut tmp = tempfile::tempfile()?;
     std::io::copy(&mut reader, &mut tmp)?;
     Ok(tmp)
+}
+
+/// True when `head` (the start of a file) is XML text rather than binary
+/// metadata: after an optional byte-order mark and white space it opens a
+/// tag (`<?xml`, `<superblock`, `<!--`), and it holds no control byte (NUL
+/// bytes may only pad its end). Binary metadata never passes: a superblock
+/// has NUL bytes in its header (its version, its zero uuid) and binary
+/// data after them.
+pub fn looks_like_xml(head: &[u8]) -> bool {
+    // Text a block device or a padded file may carry, up to NUL padding.
+    let end = head.iter().position(|&b| b == 0).unwrap_or(head.len());
+    if head[end..].iter().any(|&b| b != 0) {
+        return false;
+    }
+    let head = &head[..end];
+    let text = head.strip_prefix(&[0xef, 0xbb, 0xbf]).unwrap_or(head);
+    let start = text.iter().position(|b| !b.is_ascii_whitespace());
+    let Some(start) = start else { return false };
+    let opens_tag = text[start] == b'<'
+        && text
+            .get(start + 1)
+            .is_some_and(|&c| c == b'?' || c == b'!' || c.is_ascii_alphabetic());
+    opens_tag
+        && text
+            .iter()
+            .all(|&b| b >= 0x20 || b == b'\t' || b == b'\n' || b == b'\r')
 }
 
 /// True when `a` and `b` are the same file or device: the same inode, or

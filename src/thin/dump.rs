@@ -77,6 +77,13 @@ pub struct DumpOptions {
     /// Only these devices (all when empty).
     pub dev_ids: Vec<u64>,
     pub skip_mappings: bool,
+    /// Values printed in place of the superblock's (`thin_dump
+    /// --transaction-id/--data-block-size/--nr-data-blocks`), as the peer
+    /// prints them: the data block size as given, the transaction id and
+    /// the pool size only when larger (a dump never goes back in
+    /// transactions or drops mapped blocks). The mappings are dumped as
+    /// they are.
+    pub overrides: crate::thin::restore::Overrides,
 }
 
 /// Which superblock a read-only tool works from (live, or a metadata snapshot's copy).
@@ -116,14 +123,15 @@ pub fn dump(
     }
     let selected = |id: &u64| opts.dev_ids.is_empty() || opts.dev_ids.contains(id);
 
+    let ov = &opts.overrides;
     let info = SuperblockInfo {
         uuid: String::new(),
         time: sb.time as u64,
-        transaction: sb.transaction_id,
+        transaction: sb.transaction_id.max(ov.transaction_id.unwrap_or(0)),
         flags: sb.flags,
         version: 2,
-        data_block_size: sb.data_block_size,
-        nr_data_blocks: sb.data_sm().nr_blocks,
+        data_block_size: ov.data_block_size.unwrap_or(sb.data_block_size),
+        nr_data_blocks: sb.data_sm().nr_blocks.max(ov.nr_data_blocks.unwrap_or(0)),
         metadata_snap: (sb.metadata_snap != 0).then_some(sb.metadata_snap),
     };
 

@@ -434,7 +434,7 @@ pub fn find_source(
     };
     if trees.details.is_empty() && trees.roots.is_empty() {
         return Err(Error::Inconsistent(
-            "no recoverable device details or mapping trees found; nothing written".into(),
+            "no recoverable device details or mapping trees found (no compatible roots found); nothing written".into(),
         ));
     }
 
@@ -443,7 +443,7 @@ pub fn find_source(
         .or(sb_fields.as_ref().map(|s| s.data_block_size))
         .ok_or_else(|| {
             Error::Inconsistent(
-                "the superblock is damaged: give --data-block-size (and --nr-data-blocks)".into(),
+                "the superblock is damaged: give the data block size (--data-block-size)".into(),
             )
         })?;
     let nr_data_blocks = overrides

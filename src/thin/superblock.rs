@@ -64,7 +64,7 @@ impl Superblock {
         if data[..64].iter().all(|&b| b == 0) {
             return Err(Error::invalid(
                 loc,
-                "no thin superblock: the block is all zeros (unformatted metadata?)",
+                "bad checksum in superblock: the block is all zeros (no thin superblock; unformatted metadata?)",
             ));
         }
         checksum::validate(loc, data, BlockKind::ThinSuperblock)?;
