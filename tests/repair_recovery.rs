@@ -438,3 +438,57 @@ fn intact_metadata_is_repaired_unchanged() {
     assert_eq!(got.devs, want.devs);
     assert_eq!(got.maps, want.maps);
 }
+
+#[test]
+fn data_blocks_shared_from_distinct_leaves_are_found() {
+    // Devices 1 and 2 map data blocks 0-99 from leaves of their own (as
+    // after the kernel copied a shared leaf); device 1's details say
+    // snap_time 0, as a stale details tree would. Device 3 maps blocks of
+    // its own at time 0 with snap_time 0: nothing of it is shared, so it
+    // keeps its details.
+    let t = tempfile::tempdir().unwrap();
+    let maps = |first: u64| -> String {
+        (0..100)
+            .map(|i| {
+                format!(
+                    "      <single_mapping origin_block=\"{i}\" data_block=\"{}\" time=\"0\"/>\n",
+                    first + i
+                )
+            })
+            .collect()
+    };
+    let xml = format!(
+        "<superblock uuid=\"\" time=\"1\" transaction=\"4\" version=\"2\" data_block_size=\"128\" nr_data_blocks=\"1024\">\n\
+         \x20 <device dev_id=\"1\" mapped_blocks=\"100\" transaction=\"1\" creation_time=\"0\" snap_time=\"0\">\n{}\x20 </device>\n\
+         \x20 <device dev_id=\"2\" mapped_blocks=\"100\" transaction=\"2\" creation_time=\"1\" snap_time=\"1\">\n{}\x20 </device>\n\
+         \x20 <device dev_id=\"3\" mapped_blocks=\"100\" transaction=\"3\" creation_time=\"0\" snap_time=\"0\">\n{}\x20 </device>\n\
+         </superblock>\n",
+        maps(0),
+        maps(0),
+        maps(500)
+    );
+    let x = t.path().join("pool.xml");
+    std::fs::write(&x, xml).unwrap();
+    let img = blank(t.path(), "meta.img");
+    let r = run(
+        "thin_restore",
+        &["-i", x.to_str().unwrap(), "-o", img.to_str().unwrap()],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let xml = dump(&img, &[]);
+    assert!(!xml.contains("<def"), "the test needs distinct leaves");
+    zero_block(&img, 0);
+    let (got, notes) = repair(&img, t.path(), &["--data-block-size", "128"]);
+    assert!(
+        notes.contains("device 1: snap_time 0 raised to 1"),
+        "{notes}"
+    );
+    assert!(!notes.contains("device 3"), "{notes}");
+    assert_eq!(got.dev(1, "snap_time"), 1);
+    assert_eq!(got.dev(2, "snap_time"), 1);
+    assert_eq!(got.dev(3, "snap_time"), 0);
+    assert_eq!(got.sb("time"), 2);
+    assert_eq!(got.sb("transaction"), 4);
+    assert_eq!(got.sb("nr_data_blocks"), 600);
+    got.assert_kernel_safe(true);
+}

@@ -404,29 +404,40 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
             (id, l)
         })
         .collect();
-    let mut holders: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
-    for (_, l) in &per_dev {
-        for &b in l {
-            *holders.entry(b).or_default() += 1;
+    // The distinct leaves, sorted, and how many devices hold each.
+    let mut all: Vec<u64> = per_dev
+        .iter()
+        .flat_map(|(_, l)| l.iter().copied())
+        .collect();
+    all.sort_unstable();
+    let mut holders: Vec<u32> = Vec::new();
+    let mut w = 0;
+    for r in 0..all.len() {
+        if w > 0 && all[w - 1] == all[r] {
+            holders[w - 1] += 1;
+        } else {
+            all[w] = all[r];
+            holders.push(1);
+            w += 1;
         }
     }
-    let mut all: Vec<u64> = holders.keys().copied().collect();
-    all.sort_unstable();
+    all.truncate(w);
+    const NONE: u32 = u32::MAX;
 
     // Pass 1: the highest block and time; data blocks mapped once / twice.
     let mut out = Survey::default();
-    let mut leaf_time: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+    let mut leaf_time = vec![NONE; all.len()];
     let mut once = fixedbitset::FixedBitSet::new();
     let mut twice = fixedbitset::FixedBitSet::new();
     let mut precise = true;
-    dev.read_in_order(&all, 1024, |_, b, data| {
+    dev.read_in_order(&all, 1024, |i, b, data| {
         let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) else {
             return Ok::<(), std::convert::Infallible>(());
         };
-        let mut t_max = 0;
-        for i in 0..node.nr_entries() {
-            let bt = BlockTime::unpack(node.value::<u64>(i));
-            t_max = t_max.max(bt.time);
+        let mut t_max = None;
+        for j in 0..node.nr_entries() {
+            let bt = BlockTime::unpack(node.value::<u64>(j));
+            t_max = t_max.max(Some(bt.time));
             out.max_block = out.max_block.max(Some(bt.block));
             if !precise {
                 continue;
@@ -445,45 +456,54 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
                 twice.insert(k);
             }
         }
-        out.max_time = out.max_time.max(t_max);
-        if node.nr_entries() > 0 {
-            leaf_time.insert(b, t_max);
+        if let Some(t) = t_max {
+            out.max_time = out.max_time.max(t);
+            leaf_time[i] = t;
         }
         Ok(())
     })
     .ok();
+    drop(once);
 
     // Pass 2: per leaf, the latest time of a mapping that may be shared.
-    let mut shared_time: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
-    for (&b, &t) in &leaf_time {
-        if !precise || holders[&b] > 1 {
-            shared_time.insert(b, t);
+    let mut shared_time = vec![NONE; all.len()];
+    let mut private = Vec::new();
+    for (i, &t) in leaf_time.iter().enumerate() {
+        if t == NONE {
+            continue;
+        }
+        if !precise || holders[i] > 1 {
+            shared_time[i] = t;
+        } else {
+            private.push(i);
         }
     }
     if precise {
-        let private: Vec<u64> = all
-            .iter()
-            .copied()
-            .filter(|b| leaf_time.contains_key(b) && !shared_time.contains_key(b))
-            .collect();
-        dev.read_in_order(&private, 1024, |_, b, data| {
+        let blocks: Vec<u64> = private.iter().map(|&i| all[i]).collect();
+        dev.read_in_order(&blocks, 1024, |k, b, data| {
             let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) else {
                 return Ok::<(), std::convert::Infallible>(());
             };
             let t = (0..node.nr_entries())
-                .map(|i| BlockTime::unpack(node.value::<u64>(i)))
+                .map(|j| BlockTime::unpack(node.value::<u64>(j)))
                 .filter(|bt| twice.contains(bt.block as usize))
                 .map(|bt| bt.time)
                 .max();
             if let Some(t) = t {
-                shared_time.insert(b, t);
+                shared_time[private[k]] = t;
             }
             Ok(())
         })
         .ok();
     }
     for (id, l) in &per_dev {
-        if let Some(t) = l.iter().filter_map(|b| shared_time.get(b)).max() {
+        let t = l
+            .iter()
+            .filter_map(|b| all.binary_search(b).ok())
+            .map(|i| shared_time[i])
+            .filter(|&t| t != NONE)
+            .max();
+        if let Some(t) = t {
             out.need.insert(*id, t.saturating_add(1));
         }
     }
