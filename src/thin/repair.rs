@@ -21,7 +21,7 @@ use crate::pdata::btree::Walker;
 use crate::pdata::io::BlockDevice;
 use crate::pdata::scan::{scan, Scan};
 use crate::pdata::{self};
-use crate::thin::device::DeviceDetails;
+use crate::thin::device::{BlockTime, DeviceDetails};
 use crate::thin::dump::{emit_devices, MetadataVisitor, SuperblockInfo};
 use crate::thin::metadata::ThinDevice;
 use crate::thin::restore::{build_pool, BuildError, BuiltPool, Overrides};
@@ -372,6 +372,144 @@ fn fill_from(live: &mut Trees, other: &Trees) {
     }
 }
 
+/// What the mapping trees to be rebuilt hold, for the values the superblock
+/// and the details tree lost.
+#[derive(Debug, Default)]
+struct Survey {
+    /// The highest data block mapped.
+    max_block: Option<u64>,
+    /// The latest time a mapping carries.
+    max_time: u32,
+    /// Per device: the lowest snap_time under which every mapping it may
+    /// share with another device lies (latest such time + 1; absent: none).
+    need: BTreeMap<u64, u32>,
+}
+
+/// Above this many data blocks the sharing is not worked out block by block
+/// (two bitsets of this size): every mapping is then treated as shared.
+const MAX_SURVEY_BLOCKS: u64 = 1 << 33;
+
+/// Read the leaves of `roots` (each distinct leaf twice): a mapping may be
+/// shared when its leaf is in two devices' trees or its data block is mapped
+/// from two distinct leaves.
+fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
+    let mut walker = Walker::new(dev);
+    let per_dev: Vec<(u64, Vec<u64>)> = roots
+        .iter()
+        .map(|(&id, &root)| {
+            let t = walker.walk(root, 8);
+            let mut l = walker.leaves(&t).to_vec();
+            l.sort_unstable();
+            l.dedup();
+            (id, l)
+        })
+        .collect();
+    // The distinct leaves, sorted, and how many devices hold each.
+    let mut all: Vec<u64> = per_dev
+        .iter()
+        .flat_map(|(_, l)| l.iter().copied())
+        .collect();
+    all.sort_unstable();
+    let mut holders: Vec<u32> = Vec::new();
+    let mut w = 0;
+    for r in 0..all.len() {
+        if w > 0 && all[w - 1] == all[r] {
+            holders[w - 1] += 1;
+        } else {
+            all[w] = all[r];
+            holders.push(1);
+            w += 1;
+        }
+    }
+    all.truncate(w);
+    const NONE: u32 = u32::MAX;
+
+    // Pass 1: the highest block and time; data blocks mapped once / twice.
+    let mut out = Survey::default();
+    let mut leaf_time = vec![NONE; all.len()];
+    let mut once = fixedbitset::FixedBitSet::new();
+    let mut twice = fixedbitset::FixedBitSet::new();
+    let mut precise = true;
+    dev.read_in_order(&all, 1024, |i, b, data| {
+        let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) else {
+            return Ok::<(), std::convert::Infallible>(());
+        };
+        let mut t_max = None;
+        for j in 0..node.nr_entries() {
+            let bt = BlockTime::unpack(node.value::<u64>(j));
+            t_max = t_max.max(Some(bt.time));
+            out.max_block = out.max_block.max(Some(bt.block));
+            if !precise {
+                continue;
+            }
+            if bt.block >= MAX_SURVEY_BLOCKS {
+                precise = false;
+                continue;
+            }
+            let k = bt.block as usize;
+            if k >= once.len() {
+                let n = (k + 1).max(once.len() * 2);
+                once.grow(n);
+                twice.grow(n);
+            }
+            if once.put(k) {
+                twice.insert(k);
+            }
+        }
+        if let Some(t) = t_max {
+            out.max_time = out.max_time.max(t);
+            leaf_time[i] = t;
+        }
+        Ok(())
+    })
+    .ok();
+    drop(once);
+
+    // Pass 2: per leaf, the latest time of a mapping that may be shared.
+    let mut shared_time = vec![NONE; all.len()];
+    let mut private = Vec::new();
+    for (i, &t) in leaf_time.iter().enumerate() {
+        if t == NONE {
+            continue;
+        }
+        if !precise || holders[i] > 1 {
+            shared_time[i] = t;
+        } else {
+            private.push(i);
+        }
+    }
+    if precise {
+        let blocks: Vec<u64> = private.iter().map(|&i| all[i]).collect();
+        dev.read_in_order(&blocks, 1024, |k, b, data| {
+            let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) else {
+                return Ok::<(), std::convert::Infallible>(());
+            };
+            let t = (0..node.nr_entries())
+                .map(|j| BlockTime::unpack(node.value::<u64>(j)))
+                .filter(|bt| twice.contains(bt.block as usize))
+                .map(|bt| bt.time)
+                .max();
+            if let Some(t) = t {
+                shared_time[private[k]] = t;
+            }
+            Ok(())
+        })
+        .ok();
+    }
+    for (id, l) in &per_dev {
+        let t = l
+            .iter()
+            .filter_map(|b| all.binary_search(b).ok())
+            .map(|i| shared_time[i])
+            .filter(|&t| t != NONE)
+            .max();
+        if let Some(t) = t {
+            out.need.insert(*id, t.saturating_add(1));
+        }
+    }
+    out
+}
+
 /// Decide what to rebuild from.
 pub fn find_source(
     dev: &BlockDevice,
@@ -438,40 +576,143 @@ pub fn find_source(
         ));
     }
 
+    // Every value the superblock held is authoritative only when the
+    // superblock and both of its trees survived whole.
+    let intact = sb.is_ok()
+        && trees.details_ok
+        && trees.roots_ok
+        && trees.roots.keys().all(|id| trees.details.contains_key(id));
+    let survey = if intact {
+        None
+    } else {
+        Some(survey(dev, &trees.roots))
+    };
+
     let data_block_size = overrides
         .data_block_size
         .or(sb_fields.as_ref().map(|s| s.data_block_size))
         .ok_or_else(|| {
             Error::Inconsistent(
-                "the superblock is damaged: give the data block size (--data-block-size)".into(),
+                "the superblock is damaged and no copy of it survived: give the data block size (--data-block-size)"
+                    .into(),
             )
         })?;
-    let nr_data_blocks = overrides
-        .nr_data_blocks
-        .or(sb.as_ref().ok().map(|s| s.data_sm().nr_blocks))
-        .ok_or_else(|| {
-            Error::Inconsistent("the superblock is damaged: give --nr-data-blocks".into())
-        })?;
-    let (mut time, mut transaction) = sb_fields
-        .as_ref()
-        .map(|s| (s.time, s.transaction_id))
-        .unwrap_or_default();
-    if sb.is_err() {
-        // The pool's time must not go back: the kernel tells shared blocks
-        // by comparing a mapping's time with a device's snapshot time.
-        for d in trees.details.values() {
-            time = time.max(d.creation_time).max(d.snapshotted_time);
-            transaction = transaction.max(d.transaction_id);
+    let nr_data_blocks = match (overrides.nr_data_blocks, &sb) {
+        (Some(n), _) => n,
+        (None, Ok(s)) => s.data_sm().nr_blocks,
+        (None, Err(_)) => {
+            // The pool never shrinks: it is at least as large as when the
+            // metadata snapshot's copy was taken, and holds every block mapped.
+            // (The kernel zeroes the space map roots of its copy.)
+            let copy = sb_fields
+                .as_ref()
+                .map(|s| s.data_sm().nr_blocks)
+                .filter(|&n| n > 0);
+            let mapped = survey.as_ref().and_then(|s| s.max_block).map(|b| b + 1);
+            let n = copy.max(mapped).ok_or_else(|| {
+                Error::Inconsistent(
+                    "the superblock is damaged and no data block is mapped: give --nr-data-blocks"
+                        .into(),
+                )
+            })?;
+            notes.push(match (copy, mapped) {
+                (Some(c), Some(m)) if c >= m => format!(
+                    "nr_data_blocks {n} taken from the metadata snapshot's superblock copy (highest mapped data block {})",
+                    m - 1
+                ),
+                (Some(c), _) => format!(
+                    "nr_data_blocks {n} = the highest mapped data block + 1 (the metadata snapshot's copy says {c})"
+                ),
+                _ => format!("nr_data_blocks {n} = the highest mapped data block + 1"),
+            });
+            n
         }
-        time = time.max(latest_mapping_time);
-        notes.push(format!(
-            "pool time {time} and transaction id {transaction} taken from what survived"
-        ));
+    };
+
+    let mut time = sb_fields.as_ref().map(|s| s.time).unwrap_or(0);
+    let transaction = match (overrides.transaction_id, &sb) {
+        (Some(t), _) => t,
+        (None, Ok(s)) => s.transaction_id,
+        (None, Err(_)) => {
+            // LVM accepts the id it recorded or one ahead; a device's id is
+            // the pool's before the transaction that changed it.
+            let devs = trees.details.values().map(|d| d.transaction_id + 1).max();
+            let copy = sb_fields.as_ref().map(|s| s.transaction_id);
+            let t = devs.max(copy).unwrap_or(0);
+            notes.push(match (devs, copy) {
+                (None, None) => {
+                    "no transaction id survived: transaction id 0 (give --transaction-id)".into()
+                }
+                (Some(d), c) if Some(d) >= c => {
+                    format!("transaction id {t} = the highest device transaction id + 1")
+                }
+                _ => {
+                    format!("transaction id {t} taken from the metadata snapshot's superblock copy")
+                }
+            });
+            t
+        }
+    };
+    let mut details = trees.details.clone();
+    if let Some(sv) = &survey {
+        // The kernel treats a mapping as shared iff its time is below the
+        // snap_time of the device holding it, and stamps new mappings with
+        // the pool time. So: the pool time is above every time seen; every
+        // mapping another device may also hold is below its device's
+        // snap_time; a device whose details are lost has all its mappings
+        // treated as shared.
+        let seen = details
+            .values()
+            .map(|d| d.creation_time.max(d.snapshotted_time))
+            .chain([sv.max_time, latest_mapping_time])
+            .max()
+            .unwrap_or(0);
+        // A surviving superblock's time is the kernel's own (it is never
+        // below a time written); without it, one above everything seen.
+        time = if sb.is_ok() {
+            time.max(seen)
+        } else {
+            time.max(seen.saturating_add(1))
+        };
+        for (&id, &need) in &sv.need {
+            time = time.max(need);
+            if let Some(d) = details.get_mut(&id) {
+                if d.snapshotted_time < need {
+                    notes.push(format!(
+                        "device {id}: snap_time {} raised to {need}: mappings it shares with other devices were written at or after it",
+                        d.snapshotted_time
+                    ));
+                    d.snapshotted_time = need;
+                }
+                time = time.max(d.snapshotted_time);
+            }
+        }
+        let rebuilt: Vec<u64> = trees
+            .roots
+            .keys()
+            .filter(|id| !details.contains_key(id))
+            .copied()
+            .collect();
+        if sb.is_err() {
+            notes.push(format!(
+                "pool time {time} = the latest time the survivors carry + 1"
+            ));
+        }
+        if !rebuilt.is_empty() {
+            notes.push(format!(
+                "details of device(s) {} rebuilt: creation_time = snap_time = {time} (the pool time: every mapping written before it is treated as shared), transaction id {transaction}",
+                rebuilt
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
     }
     let info = SuperblockInfo {
         uuid: String::new(),
         time: time as u64,
-        transaction: overrides.transaction_id.unwrap_or(transaction),
+        transaction,
         flags: 0,
         version: 2,
         data_block_size,
@@ -481,17 +722,12 @@ pub fn find_source(
 
     // Devices: every id either tree knows. No mapping tree = no mappings;
     // no details = details made up from the pool's state.
-    let mut ids: Vec<u64> = trees
-        .details
-        .keys()
-        .chain(trees.roots.keys())
-        .copied()
-        .collect();
+    let mut ids: Vec<u64> = details.keys().chain(trees.roots.keys()).copied().collect();
     ids.sort_unstable();
     ids.dedup();
     let mut devices = Vec::new();
     for id in ids {
-        let details = trees.details.get(&id).copied().unwrap_or(DeviceDetails {
+        let details = details.get(&id).copied().unwrap_or(DeviceDetails {
             mapped_blocks: 0,
             transaction_id: info.transaction,
             creation_time: time,
