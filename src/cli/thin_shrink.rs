@@ -193,15 +193,18 @@ fn xml_failure(a: &Args, e: XmlError) -> Failure {
     }
 }
 
+/// A file that could not be opened: missing or forbidden (66), or an I/O error (74).
+fn io_failure(path: &Path, e: std::io::Error) -> Failure {
+    use std::io::ErrorKind as K;
+    let code = match e.kind() {
+        K::NotFound | K::PermissionDenied | K::IsADirectory => EXIT_NO_INPUT,
+        _ => EXIT_IO,
+    };
+    Failure::new(code, format!("{}: {e}", path.display()))
+}
+
 fn run_xml(a: &Args) -> Result<(), Failure> {
-    let md = std::fs::metadata(a.input).map_err(|e| {
-        let code = if e.kind() == std::io::ErrorKind::NotFound {
-            EXIT_NO_INPUT
-        } else {
-            EXIT_IO
-        };
-        Failure::new(code, format!("{}: {e}", a.input.display()))
-    })?;
+    let md = std::fs::metadata(a.input).map_err(|e| io_failure(a.input, e))?;
     if !md.is_file() {
         return Err(Failure::new(
             EXIT_NO_INPUT,
@@ -211,10 +214,7 @@ fn run_xml(a: &Args) -> Result<(), Failure> {
             ),
         ));
     }
-    let open = |title| {
-        open_xml_file(a.input, title, a.quiet)
-            .map_err(|e| Failure::new(EXIT_NO_INPUT, format!("{}: {e}", a.input.display())))
-    };
+    let open = |title| open_xml_file(a.input, title, a.quiet).map_err(|e| io_failure(a.input, e));
 
     let mut used = UsedBlocks::default();
     read_xml(open("Reading XML")?, &mut used).map_err(|e| xml_failure(a, e))?;
@@ -228,8 +228,7 @@ fn run_xml(a: &Args) -> Result<(), Failure> {
     drop(used);
     let bb = block_bytes(sb.data_block_size);
     let data = open_data(a, &plan, bb)?;
-    let out = File::create(a.output)
-        .map_err(|e| Failure::new(EXIT_IO, format!("{}: {e}", a.output.display())))?;
+    let out = File::create(a.output).map_err(|e| io_failure(a.output, e))?;
 
     copy(a, data.as_ref(), &plan, bb)?;
 
@@ -261,15 +260,15 @@ fn run_xml(a: &Args) -> Result<(), Failure> {
 }
 
 fn run_binary(a: &Args) -> Result<(), Failure> {
-    let src = open_device(a.input, OpenMode::ReadOnlyExclusive)?;
-    let sb = select_superblock(&src, None).map_err(|e| {
-        let mut f = thin_failure(a.input, &e);
+    let xml_hint = |mut f: Failure| {
         if looks_like_xml(a.input) {
             f.message
                 .push_str(" (this looks like XML: drop --binary to shrink an XML dump)");
         }
         f
-    })?;
+    };
+    let src = open_device(a.input, OpenMode::ReadOnlyExclusive).map_err(xml_hint)?;
+    let sb = select_superblock(&src, None).map_err(|e| xml_hint(thin_failure(a.input, &e)))?;
     if sb.metadata_snap != 0 {
         return Err(Failure::new(
             EXIT_USAGE,
