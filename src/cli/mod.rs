@@ -23,6 +23,7 @@ pub mod thin_metadata_size;
 pub mod thin_repair;
 pub mod thin_restore;
 pub mod thin_rmap;
+pub mod thin_shrink;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -108,6 +109,7 @@ pub const TOOLS: &[(&str, ToolMain)] = &[
     ("thin_repair", thin_repair::main),
     ("thin_restore", thin_restore::main),
     ("thin_rmap", thin_rmap::main),
+    ("thin_shrink", thin_shrink::main),
 ];
 
 /// Multi-call entry: dispatch on argv[0]'s basename, or on the first

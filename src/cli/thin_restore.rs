@@ -41,14 +41,23 @@ impl<R: Read> Read for Counting<R> {
 }
 
 fn open_xml(path: &Path, pass: Pass, quiet: bool) -> io::Result<Box<dyn Read + Send>> {
-    let f = File::open(path)?;
-    let total = f.metadata()?.len();
-    let mut r = BufReader::with_capacity(1 << 20, f);
-    let gz = io::BufRead::fill_buf(&mut r)?.starts_with(&[0x1f, 0x8b]);
     let title = match pass {
         Pass::Validate => "Checking XML",
         Pass::Write => "Restoring",
     };
+    open_xml_file(path, title, quiet)
+}
+
+/// Open an XML dump (plain or gzip) for reading, with a progress bar titled `title`.
+pub(super) fn open_xml_file(
+    path: &Path,
+    title: &'static str,
+    quiet: bool,
+) -> io::Result<Box<dyn Read + Send>> {
+    let f = File::open(path)?;
+    let total = f.metadata()?.len();
+    let mut r = BufReader::with_capacity(1 << 20, f);
+    let gz = io::BufRead::fill_buf(&mut r)?.starts_with(&[0x1f, 0x8b]);
     let counted = Counting {
         inner: r,
         read: 0,
