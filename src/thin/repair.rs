@@ -667,12 +667,15 @@ pub fn find_source(
             .chain([sv.max_time, latest_mapping_time])
             .max()
             .unwrap_or(0);
-        // A surviving superblock's time is the kernel's own (it is never
-        // below a time written); without it, one above everything seen.
-        time = if sb.is_ok() {
-            time.max(seen)
-        } else {
+        // The pool time is never below a time written (the kernel's own,
+        // when the superblock survives). A device whose details are lost gets
+        // snap_time = the pool time, so that must be above every time seen:
+        // all its mappings are then treated as shared.
+        let rebuilt_any = trees.roots.keys().any(|id| !details.contains_key(id));
+        time = if rebuilt_any {
             time.max(seen.saturating_add(1))
+        } else {
+            time.max(seen)
         };
         for (&id, &need) in &sv.need {
             time = time.max(need);
@@ -694,9 +697,11 @@ pub fn find_source(
             .copied()
             .collect();
         if sb.is_err() {
-            notes.push(format!(
-                "pool time {time} = the latest time the survivors carry + 1"
-            ));
+            notes.push(if rebuilt_any {
+                format!("pool time {time} = the latest time the survivors carry + 1")
+            } else {
+                format!("pool time {time} = the latest time the survivors carry")
+            });
         }
         if !rebuilt.is_empty() {
             notes.push(format!(
