@@ -180,9 +180,9 @@ fn op12(op: u8, n: usize) -> [u8; 2] {
     [op | (n >> 8) as u8, n as u8]
 }
 
-/// The instruction taking `last` to `v` by a delta, if one is shorter than
-/// a literal: (bytes, the signed step).
-fn delta(last: u64, v: u64) -> Option<(Vec<u8>, bool, u64)> {
+/// The instruction taking `last` to `v` by a delta (the original packer
+/// always uses one after a list's first value), or None when `v` is `last`.
+fn delta(last: u64, v: u64) -> Option<Vec<u8>> {
     let (up, d) = if v > last {
         (true, v - last)
     } else {
@@ -199,8 +199,7 @@ fn delta(last: u64, v: u64) -> Option<(Vec<u8>, bool, u64)> {
         push_uint(&mut b, d, w);
         b
     };
-    // A literal costs 1 + width(v) bytes.
-    (bytes.len() <= width(v)).then_some((bytes, up, d))
+    Some(bytes)
 }
 
 /// Encode `vals` as a list: a literal first, then runs of equal values,
@@ -233,19 +232,15 @@ fn encode_list(out: &mut Vec<u8>, vals: &[u64]) {
             continue;
         }
         match delta(last, v) {
-            Some((instr, up, d)) => {
-                // How many of the following values continue the same step.
+            Some(instr) => {
+                // How many of the following values continue with the same
+                // step, modulo 2^64 (as the original packer counts them).
+                let step = v.wrapping_sub(last);
                 let mut k = 1;
-                while i + k < vals.len() && k < 4095 {
-                    let prev = vals[i + k - 1];
-                    let next = if up {
-                        prev.checked_add(d)
-                    } else {
-                        prev.checked_sub(d)
-                    };
-                    if next != Some(vals[i + k]) {
-                        break;
-                    }
+                while i + k < vals.len()
+                    && k < 4095
+                    && vals[i + k].wrapping_sub(vals[i + k - 1]) == step
+                {
                     k += 1;
                 }
                 if k >= 2 {
