@@ -73,6 +73,13 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     let v = validate(&pack.file, pack.size, &mut |d, t| progress.update(d, t))
         .map_err(|e| pack_failure(input, e))?;
     progress.finish();
+    if !quiet && v.present.binary_search(&0).is_err() {
+        // A pack cut exactly at a chunk boundary still reads as whole.
+        eprintln!(
+            "thin_metadata_unpack: {}: note: the pack holds no block 0, so the image has no superblock (a pack of an empty device, or one cut short)",
+            input.display()
+        );
+    }
 
     if !output.exists() {
         OpenOptions::new()
