@@ -388,6 +388,19 @@ fn usage_errors() {
         "no such file",
     );
     assert!(!dir.path().join("y").exists());
+    let nowhere = dir.path().join("no/such/dir/out");
+    fails(
+        "thin_metadata_pack",
+        &["-i", s(&img), "-o", s(&nowhere)],
+        66,
+        "cannot create the output file",
+    );
+    fails(
+        "thin_metadata_unpack",
+        &["-i", s(&pack), "-o", s(&nowhere)],
+        66,
+        "cannot create the output file",
+    );
     let out = run("thin_metadata_pack", &["-i", s(&img)]);
     assert_eq!(out.status.code(), Some(64));
     let out = run("thin_metadata_unpack", &["-o", s(&img)]);

@@ -65,7 +65,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     // Exclusive: a block device a live pool holds open is refused.
     let dev = open_device(input, OpenMode::ReadOnlyExclusive)?;
     let existed = output.exists();
-    let file = File::create(output).map_err(|e| open_failure(output, e.into()))?;
+    let file = File::create(output).map_err(|e| create_failure(output, e))?;
     let mut progress = Progress::new("Packing", quiet, true);
     let r = pack_device(
         &dev,
@@ -89,4 +89,18 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
         let _ = std::fs::remove_file(output);
     }
     r
+}
+
+/// The failure to create an output file (its folder is missing, or
+/// permission is denied).
+pub(super) fn create_failure(path: &std::path::Path, e: std::io::Error) -> Failure {
+    use std::io::ErrorKind as K;
+    let code = match e.kind() {
+        K::NotFound | K::PermissionDenied | K::IsADirectory => EXIT_NO_INPUT,
+        _ => EXIT_IO,
+    };
+    Failure::new(
+        code,
+        format!("{}: cannot create the output file: {e}", path.display()),
+    )
 }

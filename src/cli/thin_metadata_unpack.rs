@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::{Arg, ArgAction, Command};
 
 use super::progress::Progress;
+use super::thin_metadata_pack::create_failure;
 use super::*;
 use crate::pdata::io::open_raw;
 use crate::pdata::pack::{validate, write_image, PackError, UnpackError};
@@ -87,7 +88,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
             .create(true)
             .truncate(false)
             .open(output)
-            .map_err(|e| open_failure(output, e.into()))?;
+            .map_err(|e| create_failure(output, e))?;
     }
     let out =
         open_raw(output, OpenMode::ReadWriteExclusive).map_err(|e| open_failure(output, e))?;
