@@ -19,7 +19,9 @@ pub mod thin_generate_metadata;
 pub mod thin_ls;
 pub mod thin_merge;
 pub mod thin_message;
+pub mod thin_metadata_pack;
 pub mod thin_metadata_size;
+pub mod thin_metadata_unpack;
 pub mod thin_repair;
 pub mod thin_restore;
 pub mod thin_rmap;
@@ -105,7 +107,9 @@ pub const TOOLS: &[(&str, ToolMain)] = &[
     ("thin_ls", thin_ls::main),
     ("thin_merge", thin_merge::main),
     ("thin_message", thin_message::main),
+    ("thin_metadata_pack", thin_metadata_pack::main),
     ("thin_metadata_size", thin_metadata_size::main),
+    ("thin_metadata_unpack", thin_metadata_unpack::main),
     ("thin_repair", thin_repair::main),
     ("thin_restore", thin_restore::main),
     ("thin_rmap", thin_rmap::main),
