@@ -20,9 +20,11 @@ pub mod thin_ls;
 pub mod thin_merge;
 pub mod thin_message;
 pub mod thin_metadata_size;
+pub mod thin_migrate;
 pub mod thin_repair;
 pub mod thin_restore;
 pub mod thin_rmap;
+pub mod thin_trim;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -105,9 +107,11 @@ pub const TOOLS: &[(&str, ToolMain)] = &[
     ("thin_merge", thin_merge::main),
     ("thin_message", thin_message::main),
     ("thin_metadata_size", thin_metadata_size::main),
+    ("thin_migrate", thin_migrate::main),
     ("thin_repair", thin_repair::main),
     ("thin_restore", thin_restore::main),
     ("thin_rmap", thin_rmap::main),
+    ("thin_trim", thin_trim::main),
 ];
 
 /// Multi-call entry: dispatch on argv[0]'s basename, or on the first
