@@ -211,5 +211,52 @@ mod tests {
     fn the_ioctl_number_is_dm_target_msg() {
         // DM_TARGET_MSG as the kernel headers define it on x86_64.
         assert_eq!(super::iowr(super::DM_TARGET_MSG_CMD), 0xc138_fd0e);
+        assert_eq!(super::iowr(super::DM_TABLE_STATUS_CMD), 0xc138_fd0c);
+    }
+
+    #[test]
+    fn a_table_status_reply_is_read_target_by_target() {
+        use super::*;
+        // What the kernel returns for a two-target table: dm_ioctl, then
+        // each dm_target_spec with its parameters, `next` counted from the
+        // first spec.
+        let mut buf = vec![0u8; 1024];
+        let put32 =
+            |b: &mut [u8], off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        put32(&mut buf, 12, 1024);
+        put32(&mut buf, 16, DM_IOCTL_SIZE as u32);
+        put32(&mut buf, 20, 2);
+        buf[48..52].copy_from_slice(b"vg-x");
+        let mut off = DM_IOCTL_SIZE;
+        for (start, len, kind, params) in [(0u64, 8u64, "thin", "254:2 7"), (8, 16, "zero", "")] {
+            buf[off..off + 8].copy_from_slice(&start.to_le_bytes());
+            buf[off + 8..off + 16].copy_from_slice(&len.to_le_bytes());
+            buf[off + 24..off + 24 + kind.len()].copy_from_slice(kind.as_bytes());
+            let p = off + DM_TARGET_SPEC_SIZE;
+            buf[p..p + params.len()].copy_from_slice(params.as_bytes());
+            let next = (p + params.len() + 1).next_multiple_of(8);
+            put32(&mut buf, off + 20, (next - DM_IOCTL_SIZE) as u32);
+            off = next;
+        }
+        let t = parse_table(&buf, true);
+        assert_eq!(t.name, "vg-x");
+        assert!(t.read_only);
+        assert_eq!(
+            t.targets,
+            vec![
+                DmTarget {
+                    start: 0,
+                    length: 8,
+                    target_type: "thin".into(),
+                    params: "254:2 7".into()
+                },
+                DmTarget {
+                    start: 8,
+                    length: 16,
+                    target_type: "zero".into(),
+                    params: "".into()
+                },
+            ]
+        );
     }
 }

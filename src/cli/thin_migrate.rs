@@ -48,6 +48,18 @@ pub fn main(name: &'static str, args: Vec<OsString>) -> i32 {
     run_tool(name, args, command(name), run)
 }
 
+/// Drop the clean cached pages of block device `path` (what an earlier
+/// buffered read left), so reads see what the kernel wrote since.
+fn drop_page_cache(path: &Path) {
+    use std::os::unix::io::AsRawFd;
+    if let Ok(f) = std::fs::File::open(path) {
+        // SAFETY: fadvise on an open descriptor; no memory is passed.
+        unsafe {
+            libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+        }
+    }
+}
+
 fn unusable(path: &Path, what: impl std::fmt::Display) -> Failure {
     Failure::new(EXIT_NO_INPUT, format!("{}: {what}", path.display()))
 }
@@ -155,7 +167,10 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
     }
 
     // The metadata of a live pool: read only, shared, from the held
-    // metadata snapshot.
+    // metadata snapshot. The kernel writes it past the device node's page
+    // cache: drop what an earlier reader left there, or a released or
+    // re-reserved snapshot would be read as it was.
+    drop_page_cache(&meta_path);
     let meta = open_device(&meta_path, OpenMode::ReadOnly)?;
     let sb = read_superblock(&meta, SUPERBLOCK_LOCATION)
         .map_err(|e| thin_failure(&meta_path, &crate::thin::Error::metadata("superblock", e)))?;
