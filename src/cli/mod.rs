@@ -22,10 +22,12 @@ pub mod thin_message;
 pub mod thin_metadata_pack;
 pub mod thin_metadata_size;
 pub mod thin_metadata_unpack;
+pub mod thin_migrate;
 pub mod thin_repair;
 pub mod thin_restore;
 pub mod thin_rmap;
 pub mod thin_shrink;
+pub mod thin_trim;
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -110,10 +112,12 @@ pub const TOOLS: &[(&str, ToolMain)] = &[
     ("thin_metadata_pack", thin_metadata_pack::main),
     ("thin_metadata_size", thin_metadata_size::main),
     ("thin_metadata_unpack", thin_metadata_unpack::main),
+    ("thin_migrate", thin_migrate::main),
     ("thin_repair", thin_repair::main),
     ("thin_restore", thin_restore::main),
     ("thin_rmap", thin_rmap::main),
     ("thin_shrink", thin_shrink::main),
+    ("thin_trim", thin_trim::main),
 ];
 
 /// Multi-call entry: dispatch on argv[0]'s basename, or on the first

@@ -82,6 +82,7 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
         metadata_snap: parse_metadata_snap(m)?,
         dev_id: num("dev-id")?.unwrap(),
         size: num("size")?,
+        ..Default::default()
     };
     let output = m
         .get_one::<String>("output")

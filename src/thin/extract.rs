@@ -33,6 +33,11 @@ pub struct ExtractOptions {
     pub dev_id: u64,
     /// The device's size in bytes (else: computed, see the module docs).
     pub size: Option<u64>,
+    /// The source is the live thin device itself (thin_migrate): mapped
+    /// bytes are read at their virtual offset, not at their data block.
+    pub mapped_at_virtual: bool,
+    /// The largest read or write (default [`IO_BYTES`]).
+    pub io_bytes: Option<usize>,
 }
 
 /// Where the content goes.
@@ -99,7 +104,7 @@ pub fn extract(
     let mut end_block = 0u64;
     device_extents(meta, dev.root, dev.id, &mut |e| {
         let end = e.data + e.len;
-        if end > nr_data || end.saturating_mul(bb) > data.size {
+        if end > nr_data || (!opts.mapped_at_virtual && end.saturating_mul(bb) > data.size) {
             let what = if end > nr_data {
                 format!("the pool's {nr_data} data blocks")
             } else {
@@ -167,7 +172,7 @@ pub fn extract(
         progress(off + bytes.len() as u64, size);
         Ok(())
     };
-    let mut gather = Gather::new(IO_BYTES);
+    let mut gather = Gather::new(opts.io_bytes.unwrap_or(IO_BYTES));
 
     // Unmapped bytes [a, b): the origin's, zeros past its end.
     let gap = |a: u64,
@@ -213,14 +218,12 @@ pub fn extract(
         stats.mapped_blocks += inside;
         stats.beyond_blocks += e.len - inside;
         gap(pos, start, &mut gather, &mut stats, &mut sink)?;
-        gather.add(
-            data.file,
-            data.name,
-            e.data * bb,
-            start,
-            end - start,
-            &mut sink,
-        )?;
+        let src = if opts.mapped_at_virtual {
+            start
+        } else {
+            e.data * bb
+        };
+        gather.add(data.file, data.name, src, start, end - start, &mut sink)?;
         stats.data_bytes += end - start;
         pos = end;
         Ok(())

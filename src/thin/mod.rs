@@ -11,12 +11,14 @@ pub mod merge;
 pub mod message;
 pub mod metadata;
 pub mod metadata_size;
+pub mod migrate;
 pub mod repair;
 pub mod restore;
 pub mod rmap;
 pub mod runs;
 pub mod shrink;
 pub mod superblock;
+pub mod trim;
 pub mod xml_read;
 
 use crate::pdata;
