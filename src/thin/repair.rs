@@ -726,7 +726,11 @@ pub fn find_source(
     };
 
     // Devices: every id either tree knows. No mapping tree = no mappings;
-    // no details = details made up from the pool's state.
+    // no details = details made up from the pool's state. A device's
+    // transaction id is the pool's before the transaction that wrote it, so a
+    // made-up one is the pool's - 1: a later repair that loses the superblock
+    // (highest device id + 1) then gives the pool's id again, which LVM needs
+    // to activate the pool.
     let mut ids: Vec<u64> = details.keys().chain(trees.roots.keys()).copied().collect();
     ids.sort_unstable();
     ids.dedup();
@@ -734,7 +738,7 @@ pub fn find_source(
     for id in ids {
         let details = details.get(&id).copied().unwrap_or(DeviceDetails {
             mapped_blocks: 0,
-            transaction_id: info.transaction,
+            transaction_id: info.transaction.saturating_sub(1),
             creation_time: time,
             snapshotted_time: time,
         });
