@@ -612,3 +612,66 @@ fn binary_shrink_of_the_kernel_pool_keeps_every_device_as_the_kernel_wrote_it() 
     }
     assert_eq!(checked, 3);
 }
+
+/// A pool that claims 10^14 data blocks: planning costs its mappings, not
+/// its claimed size (this aborted allocating a 12 TB bitmap). Without the
+/// copy the metadata is rewritten; with it the small data device is refused
+/// before anything is written.
+#[test]
+fn a_huge_nr_data_blocks_is_planned_without_allocating_the_pool() {
+    let t = tempfile::tempdir().unwrap();
+    let xml = t.path().join("huge.xml");
+    std::fs::write(
+        &xml,
+        r#"<superblock uuid="" time="1" transaction="1" version="2" data_block_size="128" nr_data_blocks="100000000000000">
+  <device dev_id="1" mapped_blocks="5" transaction="0" creation_time="0" snap_time="0">
+    <range_mapping origin_begin="0" data_begin="0" length="2" time="0"/>
+    <range_mapping origin_begin="2" data_begin="1000000000000" length="3" time="0"/>
+  </device>
+</superblock>"#,
+    )
+    .unwrap();
+    let data = t.path().join("data.bin");
+    std::fs::write(&data, vec![7u8; 1 << 20]).unwrap();
+    let out_xml = t.path().join("out.xml");
+    ok(
+        shrink(&[
+            "-i",
+            s(&xml),
+            "-o",
+            s(&out_xml),
+            "--data",
+            s(&data),
+            "--nr-blocks",
+            "10",
+            "--no-copy",
+        ]),
+        "--no-copy on a huge pool",
+    );
+    let text = std::fs::read_to_string(&out_xml).unwrap();
+    assert!(text.contains("nr_data_blocks=\"10\""), "{text}");
+    assert!(
+        text.contains(
+            "<range_mapping origin_begin=\"0\" data_begin=\"0\" length=\"5\" time=\"0\"/>"
+        ),
+        "{text}"
+    );
+
+    let out_xml2 = t.path().join("out2.xml");
+    let out = shrink(&[
+        "-i",
+        s(&xml),
+        "-o",
+        s(&out_xml2),
+        "--data",
+        s(&data),
+        "--nr-blocks",
+        "10",
+    ]);
+    assert_eq!(out.status.code(), Some(66), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("data block 1000000000002"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!out_xml2.exists());
+    assert_eq!(std::fs::read(&data).unwrap(), vec![7u8; 1 << 20]);
+}

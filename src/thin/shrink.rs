@@ -17,8 +17,6 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use fixedbitset::FixedBitSet;
-
 use crate::thin::dump::{DeviceInfo, Mapping, MetadataVisitor, SuperblockInfo};
 use crate::thin::merge::{Gather, MergeError};
 
@@ -93,20 +91,88 @@ pub enum ShrinkError {
     Data(String),
 }
 
-/// Plan moving the blocks of `used` (one bit per data block of the old
-/// pool) at or above `new_nr_blocks` down to the lowest free blocks below
-/// it, in order (runs stay runs where the free space allows).
-pub fn plan(used: &FixedBitSet, new_nr_blocks: u64) -> Result<Plan, ShrinkError> {
-    let old = used.len() as u64;
+/// Data blocks in use, as sorted runs `[begin, end)`. Memory grows with the
+/// mappings read (consecutive mappings share a run), never with a block
+/// count the input merely claims: a pool that says it has 10^14 data blocks
+/// costs nothing until mappings use them.
+#[derive(Debug, Clone, Default)]
+pub struct UsedRuns {
+    runs: Vec<(u64, u64)>,
+    /// `runs[..sorted]` is sorted, disjoint and not adjacent.
+    sorted: usize,
+}
+
+impl UsedRuns {
+    /// Mark `begin..end` in use.
+    pub fn insert(&mut self, begin: u64, end: u64) {
+        if begin >= end {
+            return;
+        }
+        if let Some(last) = self.runs.last_mut() {
+            if last.1 == begin {
+                last.1 = end;
+                return;
+            }
+        }
+        self.runs.push((begin, end));
+        if self.runs.len() >= 2 * self.sorted.max(4096) {
+            self.normalize();
+        }
+    }
+
+    /// Sort and join the runs (runs inserted out of order, overlapping
+    /// ones from shared blocks).
+    pub fn normalize(&mut self) {
+        if self.sorted == self.runs.len() {
+            return;
+        }
+        self.runs.sort_unstable();
+        let mut out = 0;
+        for i in 0..self.runs.len() {
+            let r = self.runs[i];
+            if out > 0 && self.runs[out - 1].1 >= r.0 {
+                self.runs[out - 1].1 = self.runs[out - 1].1.max(r.1);
+            } else {
+                self.runs[out] = r;
+                out += 1;
+            }
+        }
+        self.runs.truncate(out);
+        self.sorted = out;
+    }
+
+    /// The runs, sorted and disjoint (after [`UsedRuns::normalize`]).
+    pub fn runs(&self) -> &[(u64, u64)] {
+        debug_assert_eq!(self.sorted, self.runs.len());
+        &self.runs
+    }
+
+    /// Data blocks in use (after [`UsedRuns::normalize`]).
+    pub fn count(&self) -> u64 {
+        self.runs().iter().map(|r| r.1 - r.0).sum()
+    }
+}
+
+/// Plan moving the blocks of `used` (normalized; data blocks of a pool of
+/// `old_nr_blocks`) at or above `new_nr_blocks` down to the lowest free
+/// blocks below it, in order (runs stay runs where the free space allows).
+/// Work and memory grow with the number of runs, not with the pool's size.
+pub fn plan(used: &UsedRuns, old_nr_blocks: u64, new_nr_blocks: u64) -> Result<Plan, ShrinkError> {
+    let old = old_nr_blocks;
     if new_nr_blocks > old {
         return Err(ShrinkError::Grow {
             old,
             new: new_nr_blocks,
         });
     }
-    let n = new_nr_blocks as usize;
-    let used_blocks = used.count_ones(..) as u64;
-    let below = used.count_ones(..n) as u64;
+    let n = new_nr_blocks;
+    let runs = used.runs();
+    let used_blocks = used.count();
+    let below: u64 = runs
+        .iter()
+        .filter(|r| r.0 < n)
+        .map(|r| r.1.min(n) - r.0)
+        .sum();
     let above = used_blocks - below;
     let free = new_nr_blocks - below;
     if above > free {
@@ -118,15 +184,46 @@ pub fn plan(used: &FixedBitSet, new_nr_blocks: u64) -> Result<Plan, ShrinkError>
             min: used_blocks,
         });
     }
+    // The free runs below n, lowest first.
+    let mut gaps = {
+        let mut cursor = 0u64;
+        let mut i = 0usize;
+        std::iter::from_fn(move || loop {
+            let (b, e) = match runs.get(i) {
+                Some(&(b, e)) if b < n => (b, e),
+                _ => {
+                    let g = (cursor < n).then_some((cursor, n));
+                    cursor = n;
+                    return g;
+                }
+            };
+            i += 1;
+            let g = (cursor < b).then_some((cursor, b));
+            cursor = e.min(n);
+            if g.is_some() {
+                return g;
+            }
+        })
+    };
     let mut moves: Vec<Move> = Vec::new();
-    let mut dest = (0..n).filter(|&b| !used.contains(b));
-    for from in used.ones().skip_while(|&b| b < n) {
-        // There are at least as many free blocks below n as blocks above.
-        let Some(to) = dest.next() else { break };
-        let (from, to) = (from as u64, to as u64);
-        match moves.last_mut() {
-            Some(m) if m.from + m.len == from && m.to + m.len == to => m.len += 1,
-            _ => moves.push(Move { from, to, len: 1 }),
+    let mut gap: Option<(u64, u64)> = None;
+    for &(b, e) in runs.iter().filter(|r| r.1 > n) {
+        let mut from = b.max(n);
+        while from < e {
+            let (gb, ge) = match gap.take().or_else(|| gaps.next()) {
+                Some(g) => g,
+                // There are at least as many free blocks below n as blocks above.
+                None => break,
+            };
+            let len = (e - from).min(ge - gb);
+            match moves.last_mut() {
+                Some(m) if m.from + m.len == from && m.to + m.len == gb => m.len += len,
+                _ => moves.push(Move { from, to: gb, len }),
+            }
+            from += len;
+            if gb + len < ge {
+                gap = Some((gb + len, ge));
+            }
         }
     }
     Ok(Plan {
@@ -145,14 +242,12 @@ fn other(msg: String) -> io::Error {
 #[derive(Default)]
 pub struct UsedBlocks {
     pub superblock: Option<SuperblockInfo>,
-    pub used: FixedBitSet,
+    pub used: UsedRuns,
 }
 
 impl MetadataVisitor for UsedBlocks {
     fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
-        let nr = usize::try_from(sb.nr_data_blocks)
-            .map_err(|_| other(format!("nr_data_blocks {} is too large", sb.nr_data_blocks)))?;
-        self.used = FixedBitSet::with_capacity(nr);
+        self.used = UsedRuns::default();
         self.superblock = Some(sb.clone());
         Ok(())
     }
@@ -172,15 +267,14 @@ impl MetadataVisitor for UsedBlocks {
         Ok(())
     }
     fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
-        let nr = self.used.len() as u64;
+        let nr = self.superblock.as_ref().map_or(0, |sb| sb.nr_data_blocks);
         if m.data_begin >= nr || m.len > nr - m.data_begin {
             return Err(other(format!(
                 "data block {} beyond nr_data_blocks {nr}",
                 m.data_begin.saturating_add(m.len).saturating_sub(1)
             )));
         }
-        self.used
-            .insert_range(m.data_begin as usize..(m.data_begin + m.len) as usize);
+        self.used.insert(m.data_begin, m.data_begin + m.len);
         Ok(())
     }
     fn reference(&mut self, _name: &str) -> io::Result<()> {
@@ -374,18 +468,19 @@ pub fn check_data_size(
 mod tests {
     use super::*;
 
-    fn used(nr: usize, blocks: &[usize]) -> FixedBitSet {
-        let mut s = FixedBitSet::with_capacity(nr);
+    fn used(blocks: &[u64]) -> UsedRuns {
+        let mut s = UsedRuns::default();
         for &b in blocks {
-            s.insert(b);
+            s.insert(b, b + 1);
         }
+        s.normalize();
         s
     }
 
     #[test]
     fn plan_fills_the_lowest_free_blocks_in_order() {
-        let u = used(100, &[0, 1, 2, 90, 91, 92, 95]);
-        let p = plan(&u, 10).unwrap();
+        let u = used(&[0, 1, 2, 90, 91, 92, 95]);
+        let p = plan(&u, 100, 10).unwrap();
         assert_eq!(
             p.moves,
             vec![
@@ -410,9 +505,9 @@ mod tests {
 
     #[test]
     fn plan_refuses_what_does_not_fit_and_growing() {
-        let u = used(100, &[0, 1, 2, 3, 50]);
-        assert!(plan(&u, 5).is_ok());
-        match plan(&u, 4) {
+        let u = used(&[0, 1, 2, 3, 50]);
+        assert!(plan(&u, 100, 5).is_ok());
+        match plan(&u, 100, 4) {
             Err(ShrinkError::Insufficient {
                 used: 5,
                 above: 1,
@@ -422,9 +517,91 @@ mod tests {
             }) => {}
             other => panic!("{other:?}"),
         }
-        assert!(matches!(plan(&u, 101), Err(ShrinkError::Grow { .. })));
-        assert!(plan(&u, 100).unwrap().moves.is_empty());
-        assert!(plan(&used(10, &[]), 0).unwrap().moves.is_empty());
+        assert!(matches!(plan(&u, 100, 101), Err(ShrinkError::Grow { .. })));
+        assert!(plan(&u, 100, 100).unwrap().moves.is_empty());
+        assert!(plan(&used(&[]), 10, 0).unwrap().moves.is_empty());
+    }
+
+    /// The planner on a bitset, one block at a time: the reference.
+    fn plan_by_blocks(used: &[bool], new: usize) -> Option<Vec<(u64, u64)>> {
+        let free: Vec<usize> = (0..new).filter(|&b| !used[b]).collect();
+        let above: Vec<usize> = (new..used.len()).filter(|&b| used[b]).collect();
+        (above.len() <= free.len()).then(|| {
+            above
+                .iter()
+                .zip(&free)
+                .map(|(&f, &t)| (f as u64, t as u64))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn plan_on_runs_matches_the_plan_block_by_block() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..300 {
+            let nr = 1 + rnd(80) as usize;
+            let mut bits = vec![false; nr];
+            let mut u = UsedRuns::default();
+            for _ in 0..rnd(12) {
+                let b = rnd(nr as u64);
+                let e = (b + 1 + rnd(6)).min(nr as u64);
+                u.insert(b, e);
+                bits[b as usize..e as usize]
+                    .iter_mut()
+                    .for_each(|x| *x = true);
+            }
+            u.normalize();
+            let new = rnd(nr as u64 + 1) as usize;
+            let by_runs = plan(&u, nr as u64, new as u64);
+            match plan_by_blocks(&bits, new) {
+                None => assert!(matches!(by_runs, Err(ShrinkError::Insufficient { .. }))),
+                Some(pairs) => {
+                    let p = by_runs.unwrap();
+                    let got: Vec<(u64, u64)> = p
+                        .moves
+                        .iter()
+                        .flat_map(|m| (0..m.len).map(move |i| (m.from + i, m.to + i)))
+                        .collect();
+                    assert_eq!(got, pairs, "{bits:?} to {new}");
+                    assert_eq!(p.used_blocks, bits.iter().filter(|&&x| x).count() as u64);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_pool_costs_only_its_runs() {
+        let mut u = UsedRuns::default();
+        u.insert(0, 5);
+        u.insert(90_000_000_000_000, 90_000_000_000_003);
+        u.insert(3, 7); // overlapping, out of order
+        u.normalize();
+        assert_eq!(
+            u.runs(),
+            &[(0, 7), (90_000_000_000_000, 90_000_000_000_003)]
+        );
+        let p = plan(&u, 100_000_000_000_000, 10).unwrap();
+        assert_eq!(
+            p.moves,
+            vec![Move {
+                from: 90_000_000_000_000,
+                to: 7,
+                len: 3
+            }]
+        );
+        // One run of 10^13 blocks moves as one run, without a step per block.
+        let mut u = UsedRuns::default();
+        u.insert(60_000_000_000_000, 70_000_000_000_000);
+        u.normalize();
+        let p = plan(&u, 100_000_000_000_000, 50_000_000_000_000).unwrap();
+        assert_eq!(p.moved_blocks(), 10_000_000_000_000);
+        assert_eq!(p.moves.len(), 1);
     }
 
     /// Collects mappings per device.
@@ -464,8 +641,8 @@ mod tests {
 
     #[test]
     fn remap_splits_and_joins_runs() {
-        let u = used(100, &[0, 1, 2, 3, 90, 91, 97, 98]);
-        let p = plan(&u, 10).unwrap();
+        let u = used(&[0, 1, 2, 3, 90, 91, 97, 98]);
+        let p = plan(&u, 100, 10).unwrap();
         let mut out = Maps::default();
         let mut r = Remap::new(&p, &mut out);
         let sb = SuperblockInfo {
