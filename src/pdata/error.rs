@@ -73,6 +73,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("I/O error writing block {block}: {source}")]
+    WriteIo {
+        block: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O error flushing the written blocks to the device: {0}")]
+    Flush(#[source] std::io::Error),
     #[error("block {block} is beyond the end of the device ({nr_blocks} blocks)")]
     OutOfBounds { block: u64, nr_blocks: u64 },
     #[error("block {block}: {problem}")]
@@ -89,6 +97,13 @@ impl Clone for Error {
                 block: *block,
                 source: std::io::Error::new(source.kind(), source.to_string()),
             },
+            Error::WriteIo { block, source } => Error::WriteIo {
+                block: *block,
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::Flush(source) => {
+                Error::Flush(std::io::Error::new(source.kind(), source.to_string()))
+            }
             Error::OutOfBounds { block, nr_blocks } => Error::OutOfBounds {
                 block: *block,
                 nr_blocks: *nr_blocks,
@@ -116,13 +131,17 @@ impl Error {
     pub fn block(&self) -> Option<u64> {
         match self {
             Error::Io { block, .. }
+            | Error::WriteIo { block, .. }
             | Error::OutOfBounds { block, .. }
             | Error::Corrupt { block, .. } => Some(*block),
-            Error::Other(_) => None,
+            Error::Other(_) | Error::Flush(_) => None,
         }
     }
     /// True for errors of the medium rather than of the metadata.
     pub fn is_io(&self) -> bool {
-        matches!(self, Error::Io { .. })
+        matches!(
+            self,
+            Error::Io { .. } | Error::WriteIo { .. } | Error::Flush(_)
+        )
     }
 }

@@ -213,7 +213,7 @@ impl BlockDevice {
         }
         self.file
             .write_all_at(buf, block * BLOCK_SIZE as u64)
-            .map_err(|source| Error::Io { block, source })
+            .map_err(|source| Error::WriteIo { block, source })
     }
 
     /// Write `buf.len() / 4096` consecutive blocks starting at `first`.
@@ -225,7 +225,7 @@ impl BlockDevice {
         }
         self.file
             .write_all_at(buf, first * BLOCK_SIZE as u64)
-            .map_err(|source| Error::Io {
+            .map_err(|source| Error::WriteIo {
                 block: first,
                 source,
             })
@@ -233,9 +233,7 @@ impl BlockDevice {
 
     /// Flush written blocks to stable storage (the commit barrier).
     pub fn sync(&self) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|source| Error::Io { block: 0, source })
+        self.file.sync_data().map_err(Error::Flush)
     }
 
     /// Visit `blocks` in the given order, reading them in batches of at most
