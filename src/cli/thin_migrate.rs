@@ -226,6 +226,25 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
                     EXIT_IO,
                     format!("{}: cannot create the output: {e}", dest.display()),
                 )
+            })
+            .and_then(|f| {
+                // Another thinmeta tool writing or reading it holds its
+                // flock: refuse, as for every other output.
+                // SAFETY: flock on a descriptor we own.
+                let r = unsafe {
+                    libc::flock(
+                        std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                        libc::LOCK_EX | libc::LOCK_NB,
+                    )
+                };
+                if r == 0 {
+                    Ok(f)
+                } else {
+                    Err(output_open_failure(
+                        dest,
+                        std::io::Error::last_os_error().into(),
+                    ))
+                }
             })?
     } else {
         let o = open_file(dest, Access::Write, true)?;
