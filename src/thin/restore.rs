@@ -20,7 +20,7 @@ use crate::pdata::btree::{TreeBuilder, Walker};
 use crate::pdata::counts::RefCounts;
 use crate::pdata::io::BlockDevice;
 use crate::pdata::space_map::{
-    write_data_sm, write_metadata_sm, DiskSpaceMap, MAX_METADATA_BLOCKS,
+    write_data_sm, write_metadata_sm, DiskSpaceMap, ENTRIES_PER_BITMAP, MAX_METADATA_BLOCKS,
 };
 use crate::pdata::writer::BlockWriter;
 use crate::pdata::{self, BLOCK_SIZE};
@@ -92,6 +92,9 @@ pub struct PoolBuilder<'a, 'd> {
     metadata_snap: bool,
     /// Data counts are given (from a dry run of the same events), not counted.
     data_given: bool,
+    /// Set when the pool's data space map alone needs more blocks than the
+    /// output has: the blocks it needs.
+    too_small: Option<u64>,
 }
 
 impl<'a, 'd> PoolBuilder<'a, 'd> {
@@ -110,6 +113,7 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             devices: Vec::new(),
             metadata_snap: false,
             data_given: false,
+            too_small: None,
         }
     }
 
@@ -248,6 +252,17 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
 impl MetadataVisitor for PoolBuilder<'_, '_> {
     fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
         let nr = self.overrides.nr_data_blocks.unwrap_or(sb.nr_data_blocks);
+        // Each 16320 data blocks need a bitmap block on the output: a pool
+        // whose bitmaps cannot fit is refused before counts are allocated
+        // for it (so no count in the input sizes an allocation by itself).
+        let bitmaps = nr.div_ceil(ENTRIES_PER_BITMAP);
+        if bitmaps >= self.w.nr_blocks() {
+            self.too_small = Some(bitmaps + 1);
+            return Err(other(format!(
+                "nr_data_blocks {nr} needs {bitmaps} space-map bitmap blocks, more than the {}-block output holds",
+                self.w.nr_blocks()
+            )));
+        }
         if !self.data_given {
             self.data = RefCounts::new(nr);
         }
@@ -395,7 +410,15 @@ where
     // counts the data references, which the write pass reuses.
     let mut dry = BlockWriter::dry_run(nr_blocks, avoid.clone());
     let mut b = PoolBuilder::new(&mut dry, overrides).with_metadata_snap(metadata_snap);
-    feed(&mut b, Pass::Validate).map_err(|e| e.noting("nothing was written"))?;
+    if let Err(e) = feed(&mut b, Pass::Validate) {
+        return Err(match b.too_small {
+            Some(needed) => BuildError::TooSmall {
+                needed,
+                available: nr_blocks,
+            },
+            None => e.noting("nothing was written"),
+        });
+    }
     let (_, data_counts) = b.finish().map_err(BuildError::Metadata)?;
     let beside_old = dry.high_water();
     let packed = dry.nr_allocated() + 1;
