@@ -99,6 +99,24 @@ fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
             }
             Ok(())
         }
-        Err(e) => Err(build_failure(e, input, output)),
+        Err(e) => {
+            let input_error = matches!(e, crate::thin::restore::BuildError::Input(_));
+            let mut f = build_failure(e, input, output);
+            if input_error && is_binary_metadata(input) {
+                f.message.push_str(
+                    " (this is binary thin metadata, not XML: thin_restore reads what thin_dump writes)",
+                );
+            }
+            Err(f)
+        }
     }
+}
+
+/// A file that starts with a thin superblock (its magic number at byte 32).
+fn is_binary_metadata(path: &Path) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 8];
+    File::open(path)
+        .and_then(|f| f.read_exact_at(&mut magic, 32))
+        .is_ok_and(|_| u64::from_le_bytes(magic) == crate::thin::superblock::THIN_SUPERBLOCK_MAGIC)
 }

@@ -301,7 +301,12 @@ fn gunzip_to_tempfile(src: &File) -> std::io::Result<File> {
     let mut reader =
         flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 20, src));
     let mut tmp = tempfile::tempfile()?;
-    std::io::copy(&mut reader, &mut tmp)?;
+    std::io::copy(&mut reader, &mut tmp).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("gzip-compressed, and unpacking it failed: {e}"),
+        )
+    })?;
     Ok(tmp)
 }
 

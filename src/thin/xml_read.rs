@@ -251,9 +251,19 @@ fn is_ws(b: u8) -> bool {
 }
 
 /// Up to 40 bytes of `b`, for messages.
+/// Up to 40 bytes of input for a message: control characters (NULs and
+/// the like from binary input) escaped, so the message stays one printable
+/// line.
 fn lossy(b: &[u8]) -> String {
     let cut = b.len().min(40);
-    let mut s = String::from_utf8_lossy(&b[..cut]).into_owned();
+    let mut s = String::new();
+    for c in String::from_utf8_lossy(&b[..cut]).chars() {
+        if c.is_control() {
+            s.extend(c.escape_default());
+        } else {
+            s.push(c);
+        }
+    }
     if cut < b.len() {
         s.push_str("...");
     }
