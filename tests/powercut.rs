@@ -127,6 +127,23 @@ impl Lcg {
     }
 }
 
+/// Make `p` hold `img`: only the 4 KiB pieces that differ from `was`
+/// (what it holds) when that is known.
+fn write_changes(p: &Path, was: Option<&Vec<u8>>, img: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    match was {
+        Some(was) if was.len() == img.len() => {
+            let f = open_rw(p);
+            for (i, (a, b)) in was.chunks(4096).zip(img.chunks(4096)).enumerate() {
+                if a != b {
+                    f.write_all_at(b, i as u64 * 4096).unwrap();
+                }
+            }
+        }
+        _ => std::fs::write(p, img).unwrap(),
+    }
+}
+
 /// A size change is not a cached write: a file system orders it before the
 /// writes that follow it (they land in blocks the file only has once it
 /// is durable). So writes after a lost size change of their file are lost
@@ -164,17 +181,27 @@ struct Tried {
 }
 
 /// Replay `log` over `orig` (the files' bytes before the run) onto
-/// `paths`, and call `verify` on each crash state. At most `max_points`
-/// crash points (evenly spaced, plus every point next to a flush).
+/// `paths`, and call `verify` on each crash state: about `max_states` of
+/// them, at every crash point when there are few, else at evenly spaced
+/// ones and those next to a flush.
 fn replay(
     name: &str,
     paths: &[&Path],
     orig: &[Vec<u8>],
     log: &[Event],
-    max_points: usize,
-    verify: impl FnMut(&str) -> Result<(), String>,
+    max_states: usize,
+    verify_keeps_files: bool,
+    verify: impl FnMut(&[Vec<u8>]) -> Result<(), String>,
 ) -> Tried {
-    let (t, failures) = replay_failures(name, paths, orig, log, max_points, verify);
+    let (t, failures) = replay_failures(
+        name,
+        paths,
+        orig,
+        log,
+        max_states,
+        verify_keeps_files,
+        verify,
+    );
     assert!(
         failures.is_empty(),
         "{name}: a power cut leaves a bad state:\n{}",
@@ -189,8 +216,9 @@ fn replay_failures(
     paths: &[&Path],
     orig: &[Vec<u8>],
     log: &[Event],
-    max_points: usize,
-    mut verify: impl FnMut(&str) -> Result<(), String>,
+    max_states: usize,
+    verify_keeps_files: bool,
+    mut verify: impl FnMut(&[Vec<u8>]) -> Result<(), String>,
 ) -> (Tried, Vec<String>) {
     let n = log.len();
     let mut t = Tried {
@@ -202,41 +230,48 @@ fn replay_failures(
         flushes: log.iter().filter(|e| e.op == Op::Flush).count(),
         ..Default::default()
     };
-    // Crash points: after k events, k in 0..=n.
+    // Crash points: after k events, k in 0..=n. All of them when the
+    // budget allows; else the points next to a flush and evenly spaced ones.
+    let cap = (max_states / 6).max(8);
     let mut points = std::collections::BTreeSet::new();
-    points.insert(0);
-    points.insert(n);
-    for (i, e) in log.iter().enumerate() {
-        if e.op == Op::Flush {
-            points.insert(i);
-            points.insert(i + 1);
-        }
-    }
-    if n < max_points {
+    if n < cap {
         points.extend(0..=n);
     } else {
-        let spread = max_points.saturating_sub(points.len()).max(2);
+        let flushes: Vec<usize> = (0..n).filter(|&i| log[i].op == Op::Flush).collect();
+        if flushes.len() * 2 <= cap / 2 {
+            for i in flushes {
+                points.insert(i);
+                points.insert(i + 1);
+            }
+        }
+        let spread = cap.saturating_sub(points.len()).max(2);
         for j in 0..spread {
             points.insert(j * n / (spread - 1));
         }
     }
-
     let mut durable: Vec<Vec<u8>> = orig.to_vec();
     let mut pending: Vec<usize> = Vec::new();
     let mut flushes = 0usize;
     let mut seen: HashMap<(usize, Vec<usize>), ()> = HashMap::new();
     let mut failures = Vec::new();
+    // What the files hold, when `verify` leaves them as it found them.
+    let mut on_disk: Vec<Vec<u8>> = Vec::new();
+    let start = std::time::Instant::now();
+    // Up to four times as many points again get the plain prefix (every
+    // write issued kept) alone.
+    let prefix_only = n < 4 * cap;
     for k in 0..=n {
-        if points.contains(&k) {
+        let full = points.contains(&k);
+        if full || prefix_only {
             t.points += 1;
             let mut variants: Vec<(String, Vec<usize>)> = vec![("all".into(), pending.clone())];
-            if !pending.is_empty() {
+            if full && !pending.is_empty() {
                 variants.push(("none".into(), vec![]));
                 let p = pending.len();
                 let drops: Vec<usize> = if p <= 12 {
                     (0..p).collect()
                 } else {
-                    (0..12).map(|j| j * (p - 1) / 11).collect()
+                    (0..6).map(|j| j * (p - 1) / 5).collect()
                 };
                 for d in drops {
                     let mut v = pending.clone();
@@ -244,11 +279,11 @@ fn replay_failures(
                     variants.push((format!("drop #{}", pending[d]), v));
                 }
             }
-            if pending.len() >= 2 {
+            if full && pending.len() >= 2 {
                 variants.push(("reversed".into(), pending.iter().rev().copied().collect()));
             }
-            if pending.len() >= 3 {
-                let seeds = if pending.len() > 12 { 6 } else { 3 };
+            if full && pending.len() >= 3 {
+                let seeds = if pending.len() > 12 { 2 } else { 3 };
                 for seed in 0..seeds {
                     let mut rng = Lcg(k as u64 * 7919 + seed);
                     let mut v: Vec<usize> = pending
@@ -274,10 +309,13 @@ fn replay_failures(
                 for &i in &chosen {
                     apply(&mut imgs[log[i].file], &log[i].op);
                 }
-                for (p, img) in paths.iter().zip(&imgs) {
-                    std::fs::write(p, img).unwrap();
+                for (i, (p, img)) in paths.iter().zip(&imgs).enumerate() {
+                    write_changes(p, on_disk.get(i), img);
                 }
-                if let Err(e) = verify(&label) {
+                if verify_keeps_files {
+                    on_disk = imgs.clone();
+                }
+                if let Err(e) = verify(&imgs) {
                     failures.push(format!("after {k} of {n} events, {label}: {e}"));
                     if failures.len() >= 5 {
                         break;
@@ -306,8 +344,14 @@ fn replay_failures(
         }
     }
     eprintln!(
-        "powercut {name}: {} events ({} writes of <= 4 KiB, {} flushes); {} crash points, {} crash states ({} distinct) checked",
-        t.events, t.writes, t.flushes, t.points, t.states, t.distinct
+        "powercut {name}: {} events ({} writes of <= 4 KiB, {} flushes); {} crash points, {} crash states ({} distinct) checked in {:.1} s",
+        t.events,
+        t.writes,
+        t.flushes,
+        t.points,
+        t.states,
+        t.distinct,
+        start.elapsed().as_secs_f64()
     );
     (t, failures)
 }
@@ -382,7 +426,7 @@ fn metadata_writer(
     args: &[&str],
     read_only: &[&Path],
     also_none: bool,
-    max_points: usize,
+    max_states: usize,
 ) -> Tried {
     let dump_to = dir.join("state.xml");
     let old = meta_state(meta, &dump_to);
@@ -402,7 +446,7 @@ fn metadata_writer(
         "{name}: never flushes"
     );
     let (t, failures) = old_or_new(
-        name, &dump_to, meta, &orig, &log, &old, &new, also_none, max_points,
+        name, &dump_to, meta, &orig, &log, &old, &new, also_none, max_states,
     );
     assert!(
         failures.is_empty(),
@@ -424,9 +468,9 @@ fn old_or_new(
     old: &Meta,
     new: &Meta,
     also_none: bool,
-    max_points: usize,
+    max_states: usize,
 ) -> (Tried, Vec<String>) {
-    replay_failures(name, &[meta], orig, log, max_points, |_| {
+    replay_failures(name, &[meta], orig, log, max_states, true, |_| {
         let got = meta_state(meta, dump_to);
         if &got == old || &got == new || (also_none && got == Meta::NoSuperblock) {
             Ok(())
@@ -534,7 +578,7 @@ fn thin_restore() {
         &["thin_restore", "-q", "-i", s(&xml), "-o", s(&meta)],
         &[&xml],
         false,
-        budget(60),
+        budget(600),
     );
     // Over a zeroed device: nothing or the new pool.
     let zero = dir.join("zero.img");
@@ -549,7 +593,7 @@ fn thin_restore() {
         &["thin_restore", "-q", "-i", s(&xml), "-o", s(&zero)],
         &[&xml],
         false,
-        budget(30),
+        budget(200),
     );
 }
 
@@ -580,7 +624,7 @@ fn thin_repair() {
         &["thin_repair", "-q", "-i", s(&input), "-o", s(&out)],
         &[&input],
         false,
-        budget(60),
+        budget(150),
     );
 }
 
@@ -621,7 +665,7 @@ fn thin_check_auto_repair_and_clear_needs_check() {
         &["thin_check", "-q", "--auto-repair", s(&p)],
         &[],
         false,
-        budget(40),
+        budget(100),
     );
     let p = leaky(dir, "flag.img", &[], &[], NEEDS_CHECK_FLAG);
     metadata_writer(
@@ -642,7 +686,7 @@ fn thin_check_auto_repair_and_clear_needs_check() {
         &["thin_check", "-q", "--clear-needs-check-flag", s(&p)],
         &[],
         false,
-        budget(40),
+        budget(100),
     );
 }
 
@@ -671,7 +715,7 @@ fn thin_message_every_message() {
             &args,
             &[],
             false,
-            budget(40),
+            budget(100),
         );
     }
 }
@@ -697,7 +741,7 @@ fn thin_merge_into_thin() {
         ],
         &[],
         false,
-        budget(40),
+        budget(100),
     );
 }
 
@@ -738,7 +782,7 @@ fn thin_metadata_unpack() {
         ],
         &[&pack],
         true,
-        budget(40),
+        budget(300),
     );
 }
 
@@ -752,7 +796,7 @@ fn rerun_writer(
     files: &[&Path],
     read_only: &[&Path],
     run: impl Fn() -> i32,
-    max_points: usize,
+    max_states: usize,
 ) -> Tried {
     let orig: Vec<Vec<u8>> = files.iter().map(|p| std::fs::read(p).unwrap()).collect();
     let ro: Vec<Vec<u8>> = read_only
@@ -767,7 +811,7 @@ fn rerun_writer(
     for (p, want) in files.iter().zip(&done) {
         assert!(&std::fs::read(p).unwrap() == want, "{name}: rerun differs");
     }
-    replay(name, files, &orig, &log, max_points, |_| {
+    replay(name, files, &orig, &log, max_states, false, |_| {
         let code = run();
         if code != 0 {
             return Err(format!("the rerun exits {code}"));
@@ -815,6 +859,197 @@ fn thin_merge_into_the_external_origin() {
                 s(&origin),
             ])
         },
-        budget(80),
+        budget(150),
+    );
+}
+
+#[test]
+fn thin_shrink_binary() {
+    let d = scratch();
+    let dir = d.path();
+    let meta = kernel_meta(dir, "meta.img");
+    let data = unpack(&fixture_dir().join("data.img.gz"), dir, "data.img");
+    // A held metadata snapshot is refused: release it; deleting device 2
+    // leaves holes below blocks in use, so blocks move.
+    tool_ok(&["thin_message", s(&meta), "release_metadata_snap"]);
+    tool_ok(&["thin_message", s(&meta), "delete", "2"]);
+    let used: Vec<u64> = {
+        let dev = BlockDevice::open(&meta, OpenMode::ReadOnly).unwrap();
+        let opts = CheckOptions {
+            keep_counts: true,
+            ..Default::default()
+        };
+        let rep = check(&dev, &opts, &mut |_, _| {});
+        assert!(rep.findings.is_empty());
+        let c = rep.counts.unwrap();
+        (0..256).filter(|&b| c.data.get(b) > 0).collect()
+    };
+    let n = used.len() as u64;
+    assert!(
+        used.iter().any(|&b| b >= n),
+        "kernel-small has blocks to move"
+    );
+    let out = dir.join("out.img");
+    std::fs::File::create(&out)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let bb = 64 << 10;
+    let devices = [(1u64, 8u64 << 20), (3, 4 << 20), (4, 4 << 20)];
+    let extract = |m: &Path, id: u64, bytes: u64| -> Vec<u8> {
+        let to = dir.join("dev.bin");
+        let (id, bytes) = (id.to_string(), bytes.to_string());
+        let args = [
+            "thin_extract",
+            "-q",
+            "--metadata",
+            s(m),
+            "--data",
+            s(&data),
+            "--dev-id",
+            &id,
+            "--size",
+            &bytes,
+            "-o",
+            s(&to),
+        ];
+        tool_ok(&args);
+        std::fs::read(&to).unwrap()
+    };
+    let contents: Vec<Vec<u8>> = devices.iter().map(|&(i, b)| extract(&meta, i, b)).collect();
+    let orig_data = std::fs::read(&data).unwrap();
+    let orig = vec![orig_data.clone(), std::fs::read(&out).unwrap()];
+    let nstr = n.to_string();
+    let args = [
+        "thin_shrink",
+        "-q",
+        "-i",
+        s(&meta),
+        "-o",
+        s(&out),
+        "--data",
+        s(&data),
+        "--nr-blocks",
+        &nstr,
+        "--binary",
+    ];
+    let meta_bytes = std::fs::read(&meta).unwrap();
+    let log = record(&[&data, &out, &meta], || tool_ok(&args));
+    assert!(log.iter().all(|e| e.file != 2), "wrote its input metadata");
+    assert!(log.iter().any(|e| e.file == 0), "moved no data");
+    let dump_to = dir.join("state.xml");
+    let new = meta_state(&out, &dump_to);
+    assert!(new.passes(), "{}", short(&new));
+    replay(
+        "thin_shrink --binary (data copy and metadata)",
+        &[&data, &out],
+        &orig,
+        &log,
+        budget(150),
+        true,
+        |imgs| {
+            // The input pool reads every block it maps unchanged.
+            let now = &imgs[0];
+            for &b in &used {
+                let r = (b * bb) as usize..((b + 1) * bb) as usize;
+                if now[r.clone()] != orig_data[r] {
+                    return Err(format!("data block {b}, mapped by the input, was changed"));
+                }
+            }
+            match meta_state(&out, &dump_to) {
+                Meta::NoSuperblock => Ok(()),
+                got if got == new => {
+                    for (&(id, bytes), want) in devices.iter().zip(&contents) {
+                        if &extract(&out, id, bytes) != want {
+                            return Err(format!(
+                                "device {id} reads differently through the new metadata"
+                            ));
+                        }
+                    }
+                    Ok(())
+                }
+                got => Err(format!("output neither old nor new: {}", short(&got))),
+            }
+        },
+    );
+    assert!(std::fs::read(&meta).unwrap() == meta_bytes);
+}
+
+//------------------------------------------------------------------------------
+// snap_merge, on a store built from the format (FORMATS.md §8)
+
+const SNAP_MAGIC: u32 = 0x7041_6e53;
+
+/// "TAG<n>.<k> " repeated: every 16 bytes differ between chunks.
+fn fill(buf: &mut [u8], tag: &str, n: u64) {
+    let mut pos = 0;
+    let mut k = 0u64;
+    while pos < buf.len() {
+        let t = format!("{tag}{n}.{k} ");
+        let take = t.len().min(buf.len() - pos);
+        buf[pos..pos + take].copy_from_slice(&t.as_bytes()[..take]);
+        pos += take;
+        k += 1;
+    }
+}
+
+/// A persistent COW store of `chunk`-byte chunks whose exceptions copy
+/// the origin chunks `olds`, in the kernel's allocation order (chunks from
+/// 2, skipping metadata areas), each data chunk filled with its own text.
+fn cow_store(chunk: usize, olds: &[u64]) -> Vec<u8> {
+    let epa = chunk / 16;
+    let is_area = |c: u64| c % (epa as u64 + 1) == 1;
+    let mut news = Vec::new();
+    let mut next = 2u64;
+    while news.len() < olds.len() {
+        if is_area(next) {
+            next += 1;
+        }
+        news.push(next);
+        next += 1;
+    }
+    // Room for the next area (where the table ends) after the last chunk.
+    let nr_chunks = next as usize + epa + 2;
+    let mut b = vec![0u8; nr_chunks * chunk];
+    for c in 2..nr_chunks {
+        if !is_area(c as u64) {
+            fill(&mut b[c * chunk..(c + 1) * chunk], "cow", c as u64);
+        }
+    }
+    for (i, v) in [SNAP_MAGIC, 1, 1, (chunk / 512) as u32].iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    for (i, (&old, &new)) in olds.iter().zip(&news).enumerate() {
+        let off = (1 + (epa + 1) * (i / epa)) * chunk + (i % epa) * 16;
+        b[off..off + 8].copy_from_slice(&old.to_le_bytes());
+        b[off + 8..off + 16].copy_from_slice(&new.to_le_bytes());
+    }
+    b
+}
+
+#[test]
+fn snap_merge() {
+    let d = scratch();
+    let dir = d.path();
+    let chunk = 512;
+    // Runs and scattered chunks over three metadata areas (32 a chunk).
+    let mut olds: Vec<u64> = (0..20).chain(30..34).collect();
+    olds.extend((40..120).filter(|c| c % 3 != 0));
+    olds.push(7 + 200);
+    olds.extend([150, 151, 152, 199, 25]);
+    let origin = dir.join("origin.img");
+    let cow = dir.join("cow.img");
+    let mut o = vec![0u8; 210 * chunk];
+    for (i, c) in o.chunks_mut(chunk).enumerate() {
+        fill(c, "org", i as u64);
+    }
+    std::fs::write(&origin, &o).unwrap();
+    std::fs::write(&cow, cow_store(chunk, &olds)).unwrap();
+    rerun_writer(
+        "snap_merge",
+        &[&origin, &cow],
+        &[],
+        || tool(&["snap_merge", "--origin", s(&origin), "--cow", s(&cow)]),
+        budget(900),
     );
 }
