@@ -178,6 +178,8 @@ struct Tried {
     points: usize,
     states: usize,
     distinct: usize,
+    /// The first write went to byte 0 of a file.
+    first_write_at_0: bool,
 }
 
 /// Replay `log` over `orig` (the files' bytes before the run) onto
@@ -228,6 +230,10 @@ fn replay_failures(
             .filter(|e| matches!(e.op, Op::Write { .. }))
             .count(),
         flushes: log.iter().filter(|e| e.op == Op::Flush).count(),
+        first_write_at_0: log
+            .iter()
+            .find(|e| matches!(e.op, Op::Write { .. }))
+            .is_some_and(|e| matches!(e.op, Op::Write { offset: 0, .. })),
         ..Default::default()
     };
     // Crash points: after k events, k in 0..=n. All of them when the
@@ -428,12 +434,33 @@ fn metadata_writer(
     also_none: bool,
     max_states: usize,
 ) -> Tried {
+    metadata_writer_with(
+        name,
+        dir,
+        meta,
+        || tool_ok(args),
+        read_only,
+        also_none,
+        max_states,
+    )
+}
+
+/// As [`metadata_writer`], the writer being `run`.
+fn metadata_writer_with(
+    name: &str,
+    dir: &Path,
+    meta: &Path,
+    run: impl FnOnce(),
+    read_only: &[&Path],
+    also_none: bool,
+    max_states: usize,
+) -> Tried {
     let dump_to = dir.join("state.xml");
     let old = meta_state(meta, &dump_to);
     let orig = vec![std::fs::read(meta).unwrap()];
     let mut files = vec![meta];
     files.extend_from_slice(read_only);
-    let log = record(&files, || tool_ok(args));
+    let log = record(&files, run);
     assert!(
         log.iter().all(|e| e.file == 0),
         "{name}: wrote a file it only reads"
@@ -579,6 +606,57 @@ fn thin_restore() {
         &[&xml],
         false,
         budget(600),
+    );
+    // No room beside the old pool (a 1 MiB device it nearly fills): the
+    // old superblock is invalidated first (README, Safety), so a crash
+    // leaves the old pool, no valid superblock, or the new pool.
+    let full = dir.join("full.img");
+    std::fs::File::create(&full)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    tool_ok(&[
+        "thin_generate_metadata",
+        "-q",
+        "-o",
+        s(&full),
+        "--origins",
+        "2",
+        "--snaps",
+        "1",
+        "--segments",
+        "60",
+        "--writes",
+        "40",
+    ]);
+    let small = generated(
+        dir,
+        "small.img",
+        &[
+            "--origins",
+            "1",
+            "--snaps",
+            "1",
+            "--segments",
+            "20",
+            "--writes",
+            "10",
+        ],
+    );
+    let small_xml = dir.join("small.xml");
+    tool_ok(&["thin_dump", s(&small), "-o", s(&small_xml)]);
+    let t = metadata_writer(
+        "thin_restore with no room beside the old pool",
+        dir,
+        &full,
+        &["thin_restore", "-q", "-i", s(&small_xml), "-o", s(&full)],
+        &[&small_xml],
+        true,
+        budget(300),
+    );
+    assert!(
+        t.first_write_at_0,
+        "the old superblock is not invalidated first"
     );
     // Over a zeroed device: nothing or the new pool.
     let zero = dir.join("zero.img");
@@ -784,6 +862,47 @@ fn thin_metadata_unpack() {
         true,
         budget(300),
     );
+}
+
+/// The block-device path of the unpack (no size change: the blocks the pack
+/// lacks are zeroed, block 0 first), through the library on a file of a
+/// device's size.
+#[test]
+fn thin_metadata_unpack_onto_a_block_device() {
+    use thinmeta::pdata::pack::{validate, write_image};
+    let d = scratch();
+    let dir = d.path();
+    let pack = repo().join("tests/data/pack/kernel-small.pack");
+    let out = generated(
+        dir,
+        "out.img",
+        &[
+            "--origins",
+            "1",
+            "--snaps",
+            "1",
+            "--segments",
+            "20",
+            "--writes",
+            "10",
+        ],
+    );
+    let t = metadata_writer_with(
+        "thin_metadata_unpack (block device)",
+        dir,
+        &out,
+        || {
+            let f = std::fs::File::open(&pack).unwrap();
+            let len = f.metadata().unwrap().len();
+            let v = validate(&f, len, &mut |_, _| {}).unwrap();
+            let o = open_rw(&out);
+            write_image(&f, len, &v, &o, 4 << 20, true, &mut |_, _| {}).unwrap();
+        },
+        &[&pack],
+        true,
+        budget(300),
+    );
+    assert!(t.first_write_at_0, "block 0 is not cleared first");
 }
 
 //------------------------------------------------------------------------------
