@@ -211,8 +211,7 @@ impl BlockDevice {
         if !self.writable {
             return Err(Error::Other("device was opened read-only".into()));
         }
-        self.file
-            .write_all_at(buf, block * BLOCK_SIZE as u64)
+        write_at(&self.file, buf, block * BLOCK_SIZE as u64)
             .map_err(|source| Error::WriteIo { block, source })
     }
 
@@ -223,17 +222,15 @@ impl BlockDevice {
         if !self.writable {
             return Err(Error::Other("device was opened read-only".into()));
         }
-        self.file
-            .write_all_at(buf, first * BLOCK_SIZE as u64)
-            .map_err(|source| Error::WriteIo {
-                block: first,
-                source,
-            })
+        write_at(&self.file, buf, first * BLOCK_SIZE as u64).map_err(|source| Error::WriteIo {
+            block: first,
+            source,
+        })
     }
 
     /// Flush written blocks to stable storage (the commit barrier).
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(Error::Flush)
+        sync_data(&self.file).map_err(Error::Flush)
     }
 
     /// Visit `blocks` in the given order, reading them in batches of at most
@@ -291,6 +288,146 @@ impl BlockDevice {
             }
         }
         Ok(())
+    }
+}
+
+//------------------------------------------------------------------------------
+// The one path every writer's bytes take to a device
+
+/// Write all of `buf` at byte `offset` of `file` (not durable until a
+/// flush). Every tool that writes a device (metadata, data, origin, COW
+/// store, unpacked image) writes through here, so that [`record`] sees it.
+pub fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    file.write_all_at(buf, offset)?;
+    record::note(file, || record::Op::Write {
+        offset,
+        bytes: buf.to_vec(),
+    });
+    Ok(())
+}
+
+/// Make `file`'s completed writes durable (`fdatasync`): the commit barrier.
+pub fn sync_data(file: &File) -> std::io::Result<()> {
+    file.sync_data()?;
+    record::note(file, || record::Op::Flush);
+    Ok(())
+}
+
+/// As [`sync_data`], with the file's metadata too (`fsync`).
+pub fn sync_all(file: &File) -> std::io::Result<()> {
+    file.sync_all()?;
+    record::note(file, || record::Op::Flush);
+    Ok(())
+}
+
+/// Cut or extend a regular file to `len` bytes (the new bytes read as zeros).
+pub fn set_len(file: &File, len: u64) -> std::io::Result<()> {
+    file.set_len(len)?;
+    record::note(file, || record::Op::SetLen(len));
+    Ok(())
+}
+
+/// A record of the writes and flushes the tools issue to chosen files, in
+/// the order issued: the model of a disk with a volatile write cache that
+/// the power-cut tests replay (every prefix of the log, with the writes
+/// since each file's last flush kept, dropped or reordered).
+///
+/// Recording costs one atomic load per write while nothing is recorded.
+/// Several recordings may run at once (tests in parallel threads), each on
+/// its own files.
+pub mod record {
+    use std::fs::File;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// One thing a file was told to do.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Op {
+        Write {
+            offset: u64,
+            bytes: Vec<u8>,
+        },
+        /// Everything written to this file before is durable.
+        Flush,
+        /// The file's size changed (durable, as the writes, at its next flush).
+        SetLen(u64),
+    }
+
+    /// An [`Op`] on file number `file` (its index in [`Recording::start`]'s list).
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Event {
+        pub file: usize,
+        pub op: Op,
+    }
+
+    struct Session {
+        id: u64,
+        /// (device, inode) of each recorded file.
+        files: Vec<(u64, u64)>,
+        events: Vec<Event>,
+    }
+
+    static SESSIONS: AtomicUsize = AtomicUsize::new(0);
+    static STATE: Mutex<(u64, Vec<Session>)> = Mutex::new((0, Vec::new()));
+
+    /// Records the writes to some files until finished or dropped.
+    pub struct Recording {
+        id: u64,
+    }
+
+    impl Recording {
+        /// Record every write, flush and size change of `paths` (existing
+        /// files) from now on, whoever opens them.
+        pub fn start(paths: &[&Path]) -> std::io::Result<Recording> {
+            let mut files = Vec::new();
+            for p in paths {
+                let md = std::fs::metadata(p)?;
+                files.push((md.dev(), md.ino()));
+            }
+            let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+            st.0 += 1;
+            let id = st.0;
+            st.1.push(Session {
+                id,
+                files,
+                events: Vec::new(),
+            });
+            SESSIONS.fetch_add(1, Ordering::SeqCst);
+            Ok(Recording { id })
+        }
+
+        /// Stop and return what was recorded, in order.
+        pub fn finish(self) -> Vec<Event> {
+            let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+            let i = st.1.iter().position(|s| s.id == self.id);
+            i.map(|i| std::mem::take(&mut st.1[i].events))
+                .unwrap_or_default()
+        }
+    }
+
+    impl Drop for Recording {
+        fn drop(&mut self) {
+            let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+            st.1.retain(|s| s.id != self.id);
+            SESSIONS.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    pub(super) fn note(file: &File, op: impl FnOnce() -> Op) {
+        if SESSIONS.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let Ok(md) = file.metadata() else { return };
+        let key = (md.dev(), md.ino());
+        let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+        for s in st.1.iter_mut() {
+            if let Some(i) = s.files.iter().position(|&f| f == key) {
+                s.events.push(Event { file: i, op: op() });
+                return;
+            }
+        }
     }
 }
 
@@ -414,6 +551,48 @@ mod tests {
             BlockDevice::open(Path::new("/"), OpenMode::ReadOnly),
             Err(OpenError::IsDirectory)
         ));
+    }
+
+    #[test]
+    fn recording_sees_writes_flushes_and_sizes_of_its_files_only() {
+        let f = image(4);
+        let other = image(4);
+        let rec = record::Recording::start(&[f.path()]).unwrap();
+        let dev = BlockDevice::open(f.path(), OpenMode::ReadWriteExclusive).unwrap();
+        let dev2 = BlockDevice::open(other.path(), OpenMode::ReadWriteExclusive).unwrap();
+        let blk = vec![5u8; BLOCK_SIZE];
+        dev.write_block(2, &blk).unwrap();
+        dev2.write_block(1, &blk).unwrap();
+        dev.sync().unwrap();
+        set_len(
+            &std::fs::OpenOptions::new()
+                .write(true)
+                .open(f.path())
+                .unwrap(),
+            5 * 4096,
+        )
+        .unwrap();
+        let ev = rec.finish();
+        assert_eq!(
+            ev,
+            vec![
+                record::Event {
+                    file: 0,
+                    op: record::Op::Write {
+                        offset: 2 * 4096,
+                        bytes: blk
+                    }
+                },
+                record::Event {
+                    file: 0,
+                    op: record::Op::Flush
+                },
+                record::Event {
+                    file: 0,
+                    op: record::Op::SetLen(5 * 4096)
+                },
+            ]
+        );
     }
 
     #[test]

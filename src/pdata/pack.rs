@@ -905,8 +905,8 @@ pub fn write_image(
             });
         }
         if v.header.nr_blocks > 0 {
-            out.write_all_at(&[0u8; BLOCK_SIZE], 0).map_err(werr(0))?;
-            out.sync_data().map_err(werr(0))?;
+            super::io::write_at(out, &[0u8; BLOCK_SIZE], 0).map_err(werr(0))?;
+            super::io::sync_data(out).map_err(werr(0))?;
         }
         // Zero the blocks the pack does not hold (block 0 is done).
         let zeros = vec![0u8; (ZERO_RUN * bs) as usize];
@@ -914,7 +914,7 @@ pub fn write_image(
         for &p in v.present.iter().chain(std::iter::once(&v.header.nr_blocks)) {
             while next < p {
                 let n = (p - next).min(ZERO_RUN);
-                out.write_all_at(&zeros[..(n * bs) as usize], next * bs)
+                super::io::write_at(out, &zeros[..(n * bs) as usize], next * bs)
                     .map_err(werr(next))?;
                 next += n;
             }
@@ -922,8 +922,8 @@ pub fn write_image(
         }
     } else {
         // Cut to nothing, then grow: every block reads as zeros.
-        out.set_len(0).map_err(werr(0))?;
-        out.set_len(needed).map_err(werr(0))?;
+        super::io::set_len(out, 0).map_err(werr(0))?;
+        super::io::set_len(out, needed).map_err(werr(0))?;
     }
     let mut r = PackReader::new(io::BufReader::new(FileReader::new(file)), Some(len))?;
     let mut buf = vec![0u8; BLOCK_SIZE];
@@ -933,15 +933,15 @@ pub fn write_image(
             if index == 0 {
                 superblock = Some(buf.clone());
             } else {
-                out.write_all_at(&buf, index * bs).map_err(werr(index))?;
+                super::io::write_at(out, &buf, index * bs).map_err(werr(index))?;
             }
         }
         progress(r.offset, len);
     }
-    out.sync_all().map_err(werr(0))?;
+    super::io::sync_all(out).map_err(werr(0))?;
     if let Some(sb) = superblock {
-        out.write_all_at(&sb, 0).map_err(werr(0))?;
-        out.sync_all().map_err(werr(0))?;
+        super::io::write_at(out, &sb, 0).map_err(werr(0))?;
+        super::io::sync_all(out).map_err(werr(0))?;
     }
     Ok(())
 }

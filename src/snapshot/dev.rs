@@ -102,11 +102,11 @@ impl Store for Device {
                 "write past the end of the device",
             ));
         }
-        self.file.write_all_at(buf, offset)
+        crate::pdata::io::write_at(&self.file, buf, offset)
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        crate::pdata::io::sync_data(&self.file)
     }
 
     fn start_writeback(&self, offset: u64, len: u64) {

@@ -605,7 +605,7 @@ pub fn merge_external(
         if fail_after == Some(writes) {
             return Err(MergeError::Interrupted(writes + 1));
         }
-        t.origin.write_all_at(bytes, off).map_err(|e| {
+        crate::pdata::io::write_at(t.origin, bytes, off).map_err(|e| {
             MergeError::io(
                 format!(
                     "{}: writing {} bytes at offset {off}",
@@ -630,8 +630,7 @@ pub fn merge_external(
     )?;
     gather.flush(&mut sink)?;
     stats.writes = writes;
-    t.origin
-        .sync_all()
+    crate::pdata::io::sync_all(t.origin)
         .map_err(|e| MergeError::io(format!("{}: flushing", t.origin_name), e))?;
     Ok((stats, delta))
 }

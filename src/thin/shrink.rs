@@ -15,7 +15,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 
 use crate::thin::dump::{DeviceInfo, Mapping, MetadataVisitor, SuperblockInfo};
 use crate::thin::merge::{Gather, MergeError};
@@ -415,7 +414,7 @@ pub fn copy_data(
     check_data_size(name, size, block_bytes, plan)?;
     let err = |e: MergeError| ShrinkError::Data(e.to_string());
     let mut sink = |off: u64, bytes: &[u8]| -> Result<(), MergeError> {
-        data.write_all_at(bytes, off).map_err(|e| {
+        crate::pdata::io::write_at(data, bytes, off).map_err(|e| {
             MergeError::io(
                 format!("{name}: writing {} bytes at offset {off}", bytes.len()),
                 e,
@@ -442,7 +441,7 @@ pub fn copy_data(
         progress(done, total);
     }
     gather.flush(&mut sink).map_err(err)?;
-    data.sync_all()
+    crate::pdata::io::sync_all(data)
         .map_err(|e| ShrinkError::Data(format!("{name}: flushing: {e}")))?;
     Ok(())
 }
