@@ -37,9 +37,18 @@ fn damaged_copy(
     data_under: &[u64],
     flagged: bool,
 ) -> PathBuf {
-    let p = unpack(&fixture_dir().join("meta.img.gz"), dir, name);
+    // Damage a scratch copy, then copy it to `name`: a child process another
+    // test thread forks while we hold the exclusive flock inherits the lock
+    // until it execs, and would make the tools run on `name` see it busy.
+    // The copy is a new inode that no such child can hold.
+    let scratch = unpack(
+        &fixture_dir().join("meta.img.gz"),
+        dir,
+        &format!("{name}.scratch"),
+    );
+    let p = dir.join(name);
     {
-        let dev = BlockDevice::open(&p, OpenMode::ReadWriteExclusive).unwrap();
+        let dev = BlockDevice::open(&scratch, OpenMode::ReadWriteExclusive).unwrap();
         let opts = CheckOptions {
             keep_counts: true,
             ..Default::default()
@@ -63,6 +72,8 @@ fn damaged_copy(
         let flags = if flagged { NEEDS_CHECK_FLAG } else { 0 };
         rebuild_space_maps(&dev, &sb, counts, flags).unwrap();
     }
+    std::fs::copy(&scratch, &p).unwrap();
+    std::fs::remove_file(&scratch).unwrap();
     p
 }
 
