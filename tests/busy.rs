@@ -347,8 +347,14 @@ fn refused_while_held(t: &Templates, case: &Case, held: &str, on_loop: bool) -> 
     true
 }
 
+/// The two tests run one at a time: a child one test forks inherits the
+/// other's held descriptor (and so its flock or O_EXCL claim) until it
+/// execs, which would make a "released" device look busy for a moment.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn every_writer_refuses_a_locked_file() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t = templates();
     for case in CASES {
         for held in case.held {
@@ -359,6 +365,7 @@ fn every_writer_refuses_a_locked_file() {
 
 #[test]
 fn every_writer_refuses_a_block_device_held_open() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t = templates();
     for case in CASES {
         for held in case.held {
