@@ -1,31 +1,78 @@
-//! Reference counts rebuilt in memory, in the on-disk encoding: 2 bits a
-//! block (0, 1, 2, 3 = "3 or more"), so memory stays near nr_blocks / 4
-//! bytes. Counts of 3 or more live in a byte per block, allocated per chunk
-//! of blocks only where such counts occur (heavily shared pools have
-//! millions of them: a hash map would cost more than the bitmap), and counts
-//! of 255 or more in a map.
+//! Reference counts rebuilt in memory, in chunks of 65536 blocks that each
+//! take only the width their counts need:
+//!
+//! * a chunk nothing was counted in takes no memory;
+//! * a "narrow" chunk keeps 2 bits a block (counts 0, 1, 2: the on-disk
+//!   bitmap encoding), 16 KiB;
+//! * the first count of 3 or more turns the chunk "wide": 4 bits a block
+//!   (counts 0..=14), 32 KiB, and a count of 15 or more lives in a sparse
+//!   overflow map.
+//!
+//! So a pool with little sharing costs about nr_blocks / 4 bytes, and a
+//! heavily shared one (most blocks referenced by an origin and its
+//! snapshots) nr_blocks / 2 bytes rather than a byte or more a block.
 
 use std::collections::HashMap;
 
-/// Blocks per lazily allocated chunk of byte counts.
-const CHUNK: u64 = 1 << 16;
-/// A byte count of this value means: look in the overflow map.
-const BIG: u8 = u8::MAX;
+/// Blocks per chunk.
+const CHUNK_SHIFT: u32 = 16;
+const CHUNK: u64 = 1 << CHUNK_SHIFT;
+const CHUNK_MASK: u64 = CHUNK - 1;
+/// 64-bit words of a narrow (2-bit) chunk.
+const NARROW_WORDS: usize = (CHUNK / 32) as usize;
+/// 64-bit words of a wide (4-bit) chunk.
+const WIDE_WORDS: usize = (CHUNK / 16) as usize;
+/// A nibble of this value means: look in the overflow map.
+const BIG: u64 = 15;
+/// The low bit of every 2-bit field / nibble.
+const LO2: u64 = 0x5555_5555_5555_5555;
+const LO4: u64 = 0x1111_1111_1111_1111;
+
+#[derive(Debug, Clone)]
+enum Chunk {
+    /// Every count is 0.
+    Zero,
+    /// Counts 0..=2, two bits each (bit 2i = low bit of block i of the word).
+    Narrow(Box<[u64]>),
+    /// Counts 0..=14, four bits each; 15 = see the overflow map.
+    Wide(Box<[u64]>),
+}
 
 #[derive(Debug, Clone)]
 pub struct RefCounts {
-    bits: Vec<u64>,
-    /// Per chunk: the counts of its blocks whose 2-bit value is 3.
-    ext: Vec<Option<Box<[u8]>>>,
+    chunks: Vec<Chunk>,
+    /// Counts of 15 or more.
     overflow: HashMap<u64, u32>,
     nr_blocks: u64,
+}
+
+/// The 16 nibbles of `x`, each saturated at 3, packed as 2-bit fields
+/// into the low 32 bits.
+#[inline(always)]
+fn nibbles_to_2bit(x: u64) -> u64 {
+    // Per nibble: 3 when bit 2 or 3 is set, else its low two bits.
+    let high = ((x >> 2) | (x >> 3)) & LO4;
+    let mut v = (x & 0x3333_3333_3333_3333) | (high * 3);
+    v = (v | (v >> 2)) & 0x0f0f_0f0f_0f0f_0f0f;
+    v = (v | (v >> 4)) & 0x00ff_00ff_00ff_00ff;
+    v = (v | (v >> 8)) & 0x0000_ffff_0000_ffff;
+    (v | (v >> 16)) & 0xffff_ffff
+}
+
+/// Spread 16 2-bit fields (low 32 bits of `x`) out to nibbles.
+#[inline(always)]
+fn two_bit_to_nibbles(x: u64) -> u64 {
+    let mut v = x & 0xffff_ffff;
+    v = (v | (v << 16)) & 0x0000_ffff_0000_ffff;
+    v = (v | (v << 8)) & 0x00ff_00ff_00ff_00ff;
+    v = (v | (v << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (v | (v << 2)) & 0x3333_3333_3333_3333
 }
 
 impl RefCounts {
     pub fn new(nr_blocks: u64) -> RefCounts {
         RefCounts {
-            bits: vec![0; nr_blocks.div_ceil(32) as usize],
-            ext: vec![None; nr_blocks.div_ceil(CHUNK) as usize],
+            chunks: vec![Chunk::Zero; nr_blocks.div_ceil(CHUNK) as usize],
             overflow: HashMap::new(),
             nr_blocks,
         }
@@ -35,60 +82,17 @@ impl RefCounts {
         self.nr_blocks
     }
 
-    #[inline(always)]
-    fn small(&self, b: u64) -> u64 {
-        (self.bits[(b / 32) as usize] >> ((b % 32) * 2)) & 3
-    }
-
-    #[inline(always)]
-    fn set_small(&mut self, b: u64, v: u64) {
-        let w = &mut self.bits[(b / 32) as usize];
-        *w = (*w & !(3 << ((b % 32) * 2))) | (v << ((b % 32) * 2));
-    }
-
-    /// The count of a block whose 2-bit value is 3.
-    fn big(&self, b: u64) -> u32 {
-        let byte = self.ext[(b / CHUNK) as usize]
-            .as_ref()
-            .map(|c| c[(b % CHUNK) as usize])
-            .unwrap_or(3);
-        if byte == BIG {
-            self.overflow.get(&b).copied().unwrap_or(BIG as u32)
-        } else {
-            byte as u32
-        }
-    }
-
-    /// Store a count of 3 or more.
-    fn set_big(&mut self, b: u64, count: u32) {
-        let chunk = self.ext[(b / CHUNK) as usize]
-            .get_or_insert_with(|| vec![0u8; CHUNK as usize].into_boxed_slice());
-        if count >= BIG as u32 {
-            chunk[(b % CHUNK) as usize] = BIG;
-            self.overflow.insert(b, count);
-        } else {
-            chunk[(b % CHUNK) as usize] = count as u8;
-            self.overflow.remove(&b);
-        }
-    }
-
-    /// Hint that `b`'s count will be needed soon (it is likely not cached:
-    /// counting references to fragmented data is bound by memory latency).
-    #[inline(always)]
-    pub fn prefetch(&self, b: u64) {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(w) = self.bits.get((b / 32) as usize) {
-            let hint = |p: *const i8| {
-                // SAFETY: prefetching is a hint; any address is allowed.
-                unsafe { std::arch::x86_64::_mm_prefetch(p, std::arch::x86_64::_MM_HINT_T0) }
-            };
-            hint((w as *const u64).cast::<i8>());
-            if let Some(Some(chunk)) = self.ext.get((b / CHUNK) as usize) {
-                hint(chunk[(b % CHUNK) as usize..].as_ptr().cast::<i8>());
+    /// Make chunk `c` wide (4 bits a block), keeping its counts.
+    #[cold]
+    fn widen(&mut self, c: usize) {
+        let mut wide = vec![0u64; WIDE_WORDS].into_boxed_slice();
+        if let Chunk::Narrow(n) = &self.chunks[c] {
+            for (i, &w) in n.iter().enumerate() {
+                wide[2 * i] = two_bit_to_nibbles(w);
+                wide[2 * i + 1] = two_bit_to_nibbles(w >> 32);
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = b;
+        self.chunks[c] = Chunk::Wide(wide);
     }
 
     /// Count of block `b` (0 beyond the end).
@@ -97,10 +101,40 @@ impl RefCounts {
         if b >= self.nr_blocks {
             return 0;
         }
-        match self.small(b) {
-            3 => self.big(b),
-            s => s as u32,
+        let off = b & CHUNK_MASK;
+        match &self.chunks[(b >> CHUNK_SHIFT) as usize] {
+            Chunk::Zero => 0,
+            Chunk::Narrow(w) => ((w[(off / 32) as usize] >> ((off % 32) * 2)) & 3) as u32,
+            Chunk::Wide(w) => {
+                let v = (w[(off / 16) as usize] >> ((off % 16) * 4)) & 15;
+                if v == BIG {
+                    self.overflow.get(&b).copied().unwrap_or(BIG as u32)
+                } else {
+                    v as u32
+                }
+            }
         }
+    }
+
+    /// Hint that `b`'s count will be needed soon (it is likely not cached:
+    /// counting references to fragmented data is bound by memory latency).
+    #[inline(always)]
+    pub fn prefetch(&self, b: u64) {
+        #[cfg(target_arch = "x86_64")]
+        if b < self.nr_blocks {
+            let off = (b & CHUNK_MASK) as usize;
+            let p: *const u64 = match &self.chunks[(b >> CHUNK_SHIFT) as usize] {
+                Chunk::Zero => return,
+                Chunk::Narrow(w) => &w[off / 32],
+                Chunk::Wide(w) => &w[off / 16],
+            };
+            // SAFETY: prefetching is a hint; any address is allowed.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0)
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = b;
     }
 
     /// Add one to `b`'s count. Returns the old count. Blocks beyond the end
@@ -110,20 +144,41 @@ impl RefCounts {
         if b >= self.nr_blocks {
             return 0;
         }
-        match self.small(b) {
-            s @ 0..=1 => {
-                self.bits[(b / 32) as usize] += 1 << ((b % 32) * 2);
-                s as u32
-            }
-            2 => {
-                self.set_small(b, 3);
-                self.set_big(b, 3);
-                2
-            }
-            _ => {
-                let old = self.big(b);
-                self.set_big(b, old.saturating_add(1));
-                old
+        let c = (b >> CHUNK_SHIFT) as usize;
+        let off = b & CHUNK_MASK;
+        loop {
+            match &mut self.chunks[c] {
+                Chunk::Zero => {
+                    self.chunks[c] = Chunk::Narrow(vec![0u64; NARROW_WORDS].into_boxed_slice());
+                }
+                Chunk::Narrow(w) => {
+                    let word = &mut w[(off / 32) as usize];
+                    let sh = (off % 32) * 2;
+                    let s = (*word >> sh) & 3;
+                    if s < 2 {
+                        *word += 1 << sh;
+                        return s as u32;
+                    }
+                    self.widen(c);
+                }
+                Chunk::Wide(w) => {
+                    let word = &mut w[(off / 16) as usize];
+                    let sh = (off % 16) * 4;
+                    let v = (*word >> sh) & 15;
+                    if v < BIG - 1 {
+                        *word += 1 << sh;
+                        return v as u32;
+                    }
+                    if v == BIG - 1 {
+                        *word |= BIG << sh;
+                        self.overflow.insert(b, BIG as u32);
+                        return v as u32;
+                    }
+                    let e = self.overflow.entry(b).or_insert(BIG as u32);
+                    let old = *e;
+                    *e = old.saturating_add(1);
+                    return old;
+                }
             }
         }
     }
@@ -131,26 +186,11 @@ impl RefCounts {
     /// Take one from `b`'s count. Returns the old count; a count already 0
     /// stays 0 (callers decide whether that is an error).
     pub fn dec(&mut self, b: u64) -> u32 {
-        if b >= self.nr_blocks {
-            return 0;
+        let old = self.get(b);
+        if old > 0 {
+            self.set(b, old - 1);
         }
-        match self.small(b) {
-            0 => 0,
-            s @ 1..=2 => {
-                self.bits[(b / 32) as usize] -= 1 << ((b % 32) * 2);
-                s as u32
-            }
-            _ => {
-                let old = self.big(b);
-                if old <= 3 {
-                    self.set_big(b, 0);
-                    self.set_small(b, 2);
-                } else {
-                    self.set_big(b, old - 1);
-                }
-                old
-            }
-        }
+        old
     }
 
     /// Set `b`'s count.
@@ -158,40 +198,68 @@ impl RefCounts {
         if b >= self.nr_blocks {
             return;
         }
-        if self.small(b) == 3 {
-            self.set_big(b, 0);
-        }
-        if count >= 3 {
-            self.set_small(b, 3);
-            self.set_big(b, count);
-        } else {
-            self.set_small(b, count as u64);
+        let c = (b >> CHUNK_SHIFT) as usize;
+        let off = b & CHUNK_MASK;
+        loop {
+            match &mut self.chunks[c] {
+                Chunk::Zero if count == 0 => return,
+                Chunk::Zero => {
+                    self.chunks[c] = Chunk::Narrow(vec![0u64; NARROW_WORDS].into_boxed_slice());
+                }
+                Chunk::Narrow(w) if count < 3 => {
+                    let word = &mut w[(off / 32) as usize];
+                    let sh = (off % 32) * 2;
+                    *word = (*word & !(3 << sh)) | ((count as u64) << sh);
+                    return;
+                }
+                Chunk::Narrow(_) => self.widen(c),
+                Chunk::Wide(w) => {
+                    let word = &mut w[(off / 16) as usize];
+                    let sh = (off % 16) * 4;
+                    let v = (count as u64).min(BIG);
+                    *word = (*word & !(15 << sh)) | (v << sh);
+                    if v == BIG {
+                        self.overflow.insert(b, count);
+                    } else {
+                        self.overflow.remove(&b);
+                    }
+                    return;
+                }
+            }
         }
     }
 
     /// Blocks with counts of 3 or more, in block order, with their counts.
     pub fn overflow_iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
-        self.ext
+        self.chunks
             .iter()
             .enumerate()
-            .filter(|(_, c)| c.is_some())
-            .flat_map(move |(ci, _)| {
-                let first = ci as u64 * CHUNK;
-                let last = (first + CHUNK).min(self.nr_blocks);
-                ((first / 32)..last.div_ceil(32)).flat_map(move |w| {
-                    let word = self.bits[w as usize];
-                    // Blocks whose two bits are both set.
-                    let mut threes = word & (word >> 1) & 0x5555_5555_5555_5555;
+            .filter_map(|(ci, c)| match c {
+                Chunk::Wide(w) => Some((ci as u64 * CHUNK, w)),
+                _ => None,
+            })
+            .flat_map(move |(first, w)| {
+                w.iter().enumerate().flat_map(move |(wi, &x)| {
+                    // Nibbles of 3 or more: bit 2 or 3 set, or both low bits.
+                    let mut big = ((x >> 2) | (x >> 3) | (x & (x >> 1))) & LO4;
                     std::iter::from_fn(move || {
-                        if threes == 0 {
+                        if big == 0 {
                             return None;
                         }
-                        let b = w * 32 + threes.trailing_zeros() as u64 / 2;
-                        threes &= threes - 1;
-                        Some((b, self.big(b)))
+                        let i = big.trailing_zeros() as u64 / 4;
+                        big &= big - 1;
+                        let b = first + wi as u64 * 16 + i;
+                        let v = (x >> (i * 4)) & 15;
+                        let count = if v == BIG {
+                            self.overflow.get(&b).copied().unwrap_or(BIG as u32)
+                        } else {
+                            v as u32
+                        };
+                        Some((b, count))
                     })
                 })
             })
+            .filter(move |&(b, _)| b < self.nr_blocks)
     }
 
     /// [`RefCounts::overflow_iter`], collected.
@@ -199,21 +267,36 @@ impl RefCounts {
         self.overflow_iter().collect()
     }
 
-    /// Raw 2-bit count (3 = "3 or more") of blocks `32 * w .. 32 * w + 32`, packed
-    /// as the 64-bit word `w` of the in-memory array (bit 2i = low bit of block i).
+    /// 2-bit counts (3 = "3 or more") of blocks `32 * w .. 32 * w + 32`, packed
+    /// into a 64-bit word (bit 2i = low bit of block i); 0 beyond the end.
     #[inline]
     pub fn word(&self, w: usize) -> u64 {
-        self.bits.get(w).copied().unwrap_or(0)
+        let c = w / NARROW_WORDS;
+        let i = w % NARROW_WORDS;
+        match self.chunks.get(c) {
+            None | Some(Chunk::Zero) => 0,
+            Some(Chunk::Narrow(n)) => n[i],
+            Some(Chunk::Wide(x)) => {
+                nibbles_to_2bit(x[2 * i]) | (nibbles_to_2bit(x[2 * i + 1]) << 32)
+            }
+        }
     }
 
     /// Number of blocks with a non-zero count.
     pub fn nr_allocated(&self) -> u64 {
-        self.bits
+        self.chunks
             .iter()
-            .map(|w| {
-                // A 2-bit field is non-zero when either bit is set.
-                let any = (w | (w >> 1)) & 0x5555_5555_5555_5555;
-                any.count_ones() as u64
+            .map(|c| match c {
+                Chunk::Zero => 0,
+                // A field is non-zero when any of its bits is set.
+                Chunk::Narrow(n) => n
+                    .iter()
+                    .map(|w| ((w | (w >> 1)) & LO2).count_ones() as u64)
+                    .sum(),
+                Chunk::Wide(x) => x
+                    .iter()
+                    .map(|w| ((w | (w >> 1) | (w >> 2) | (w >> 3)) & LO4).count_ones() as u64)
+                    .sum(),
             })
             .sum()
     }
@@ -248,5 +331,63 @@ mod tests {
         c.set(34, 2);
         assert_eq!(c.get(34), 2);
         assert!(c.overflow_sorted().is_empty());
+    }
+
+    /// Against a plain array: every width (zero, narrow, wide, overflow),
+    /// chunk boundaries, words and the overflow listing.
+    #[test]
+    fn matches_a_plain_array() {
+        let n = 3 * CHUNK + 77;
+        let mut c = RefCounts::new(n);
+        let mut want = vec![0u32; n as usize];
+        let mut x = 12345u64;
+        for step in 0..400_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Concentrate on a few blocks so counts pass 3 and 15.
+            let b = if step % 3 == 0 { x % 300 } else { x % n };
+            if (2 * CHUNK..3 * CHUNK).contains(&b) {
+                continue; // a chunk left at zero
+            }
+            match x % 11 {
+                0 => {
+                    assert_eq!(c.dec(b), want[b as usize]);
+                    want[b as usize] = want[b as usize].saturating_sub(1);
+                }
+                1 => {
+                    let v = (x >> 20) as u32 % 40;
+                    c.set(b, v);
+                    want[b as usize] = v;
+                }
+                _ => {
+                    assert_eq!(c.inc(b), want[b as usize]);
+                    want[b as usize] += 1;
+                }
+            }
+        }
+        for b in 0..n {
+            assert_eq!(c.get(b), want[b as usize], "block {b}");
+        }
+        assert!(want.iter().any(|&v| v > 15));
+        assert!(want.iter().any(|&v| v == 1 || v == 2));
+        let over: Vec<(u64, u32)> = (0..n)
+            .filter(|&b| want[b as usize] >= 3)
+            .map(|b| (b, want[b as usize]))
+            .collect();
+        assert_eq!(c.overflow_sorted(), over);
+        assert_eq!(
+            c.nr_allocated(),
+            want.iter().filter(|&&v| v > 0).count() as u64
+        );
+        for w in 0..(n as usize).div_ceil(32) + 2 {
+            let mut expect = 0u64;
+            for i in 0..32 {
+                let b = w * 32 + i;
+                let v = want.get(b).copied().unwrap_or(0).min(3) as u64;
+                expect |= v << (2 * i);
+            }
+            assert_eq!(c.word(w), expect, "word {w}");
+        }
     }
 }

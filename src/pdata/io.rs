@@ -233,6 +233,34 @@ impl BlockDevice {
         sync_data(&self.file).map_err(Error::Flush)
     }
 
+    /// Read `sorted` (increasing, distinct block numbers) into `buf`, block
+    /// `sorted[k]` at `buf[k * 4096..]`, as runs of consecutive blocks, one
+    /// `pread` a run. `failed[k]` is set to the error of each block that
+    /// could not be read (None for the others).
+    pub fn read_sorted(&self, sorted: &[u64], buf: &mut [u8], failed: &mut Vec<Option<Error>>) {
+        debug_assert!(sorted.windows(2).all(|w| w[0] < w[1]));
+        failed.clear();
+        failed.resize_with(sorted.len(), || None);
+        let mut i = 0;
+        while i < sorted.len() {
+            let mut j = i + 1;
+            while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
+                j += 1;
+            }
+            let run = &mut buf[i * BLOCK_SIZE..j * BLOCK_SIZE];
+            if self.read_run(sorted[i], run).is_err() {
+                // Find out exactly which blocks of the run are bad.
+                for k in i..j {
+                    let slot = &mut buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
+                    if let Err(e) = self.read_block(sorted[k], slot) {
+                        failed[k] = Some(e);
+                    }
+                }
+            }
+            i = j;
+        }
+    }
+
     /// Visit `blocks` in the given order, reading them in batches of at most
     /// `batch` blocks: each batch is sorted, deduplicated and read as runs of
     /// consecutive blocks, one `pread` a run. `f` gets the index into
@@ -256,30 +284,15 @@ impl BlockDevice {
             sorted.extend_from_slice(chunk);
             sorted.sort_unstable();
             sorted.dedup();
-            failed.clear();
-            failed.resize_with(sorted.len(), || None);
-
-            let mut i = 0;
-            while i < sorted.len() {
-                let mut j = i + 1;
-                while j < sorted.len() && sorted[j] == sorted[j - 1] + 1 {
-                    j += 1;
-                }
-                let run = &mut buf[i * BLOCK_SIZE..j * BLOCK_SIZE];
-                if self.read_run(sorted[i], run).is_err() {
-                    // Find out exactly which blocks of the run are bad.
-                    for k in i..j {
-                        let slot = &mut buf[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
-                        if let Err(e) = self.read_block(sorted[k], slot) {
-                            failed[k] = Some(e);
-                        }
-                    }
-                }
-                i = j;
-            }
-
+            self.read_sorted(&sorted, &mut buf, &mut failed);
+            // Already sorted and distinct (the usual case): slot = position.
+            let in_place = sorted.as_slice() == chunk;
             for (off, &b) in chunk.iter().enumerate() {
-                let slot = sorted.binary_search(&b).unwrap();
+                let slot = if in_place {
+                    off
+                } else {
+                    sorted.binary_search(&b).unwrap()
+                };
                 let res = match &failed[slot] {
                     None => Ok(&buf[slot * BLOCK_SIZE..(slot + 1) * BLOCK_SIZE]),
                     Some(e) => Err(e.clone()),

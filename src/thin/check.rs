@@ -141,6 +141,72 @@ impl CheckReport {
 /// At most this many blocks are named per kind of problem; the rest are counted.
 const MAX_LISTED: usize = 10;
 
+/// Mapping leaves read and validated per batch (2 MiB).
+const LEAF_BATCH: usize = 512;
+
+/// Validated mapping leaves on their way to the counting thread: the
+/// batch's buffer and, per valid leaf, its block and slot in the buffer.
+struct LeafBatch {
+    buf: Vec<u8>,
+    leaves: Vec<(u64, u32)>,
+}
+
+/// What the mapping leaves' values add up to: data block reference counts,
+/// and mappings beyond the data device or after the pool's time.
+struct DataRefs {
+    counts: RefCounts,
+    nr_data_blocks: u64,
+    sb_time: u32,
+    nr_beyond: u64,
+    /// (leaf, key, data block), the first [`MAX_LISTED`].
+    beyond: Vec<(u64, u64, u64)>,
+    nr_future: u64,
+    /// (leaf, key, time), the first [`MAX_LISTED`].
+    future: Vec<(u64, u64, u32)>,
+}
+
+impl DataRefs {
+    fn new(nr_data_blocks: u64, sb_time: u32) -> DataRefs {
+        DataRefs {
+            counts: RefCounts::new(nr_data_blocks),
+            nr_data_blocks,
+            sb_time,
+            nr_beyond: 0,
+            beyond: Vec::new(),
+            nr_future: 0,
+            future: Vec::new(),
+        }
+    }
+
+    /// Count the mappings of leaf `b`, which [`Walker::check_leaf`] accepted.
+    fn count_leaf(&mut self, b: u64, data: &[u8]) {
+        let node = crate::pdata::btree::Node::validated(data);
+        // Counting is bound by memory latency (fragmented data):
+        // ask for every count of the leaf before touching any.
+        for i in 0..node.nr_entries() {
+            self.counts
+                .prefetch(BlockTime::unpack(node.value::<u64>(i)).block);
+        }
+        for i in 0..node.nr_entries() {
+            let bt = BlockTime::unpack(node.value::<u64>(i));
+            if bt.block >= self.nr_data_blocks {
+                self.nr_beyond += 1;
+                if self.beyond.len() < MAX_LISTED {
+                    self.beyond.push((b, node.key(i), bt.block));
+                }
+                continue;
+            }
+            if bt.time > self.sb_time {
+                self.nr_future += 1;
+                if self.future.len() < MAX_LISTED {
+                    self.future.push((b, node.key(i), bt.time));
+                }
+            }
+            self.counts.inc(bt.block);
+        }
+    }
+}
+
 struct DeviceWalk {
     dev: ThinDevice,
     leaves: TreeLeaves,
@@ -269,62 +335,83 @@ pub fn check(
 
     // Read each distinct leaf once, in block order: count data references.
     let nr_data_blocks = sb.data_sm().nr_blocks;
-    let mut data_counts = RefCounts::new(nr_data_blocks);
     let mut fresh = walker.take_fresh_leaves();
     fresh.sort_unstable();
+    fresh.dedup();
     let root_leaves: HashSet<u64> = walks
         .iter()
         .filter(|w| w.leaves.len() == 1 && walker.leaves(&w.leaves)[0] == w.dev.root)
         .map(|w| w.dev.root)
         .collect();
     let mut nr_entries = vec![u8::MAX; dev.nr_blocks() as usize]; // u8::MAX = unread or damaged
-    let mut beyond = Vec::new();
-    let (mut nr_beyond, mut nr_future) = (0u64, 0u64);
-    let mut future = Vec::new();
     let total = fresh.len() as u64;
-    let mut done = 0u64;
     let mut leaf_errors: Vec<(u64, PError)> = Vec::new();
     let mut fill_issues = Vec::new();
-    dev.read_in_order(&fresh, 1024, |_, b, data| {
-        match data.and_then(|d| walker.check_leaf(b, d, 8)) {
-            Ok(node) => {
-                nr_entries[b as usize] = node.nr_entries() as u8;
-                if let Some(i) = walker.leaf_fill_issue(&node, root_leaves.contains(&b)) {
-                    fill_issues.push((b, i));
+    // Two threads: this one reads and validates leaves (pread, checksum,
+    // node checks, key ranges) in sorted batches and hands each batch's
+    // buffer to the other, which counts the data references of its valid
+    // leaves (bound by memory latency: fragmented data).
+    let data = std::thread::scope(|scope| {
+        let (to_counter, batches) = std::sync::mpsc::sync_channel::<LeafBatch>(2);
+        let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+        let sb_time = sb.time;
+        let counter = scope.spawn(move || {
+            let mut d = DataRefs::new(nr_data_blocks, sb_time);
+            for batch in batches {
+                for &(b, slot) in &batch.leaves {
+                    let off = slot as usize * crate::pdata::BLOCK_SIZE;
+                    d.count_leaf(b, &batch.buf[off..off + crate::pdata::BLOCK_SIZE]);
                 }
-                // Counting is bound by memory latency (fragmented data):
-                // ask for every count of the leaf before touching any.
-                for i in 0..node.nr_entries() {
-                    data_counts.prefetch(BlockTime::unpack(node.value::<u64>(i)).block);
-                }
-                for i in 0..node.nr_entries() {
-                    let bt = BlockTime::unpack(node.value::<u64>(i));
-                    if bt.block >= nr_data_blocks {
-                        nr_beyond += 1;
-                        if beyond.len() < MAX_LISTED {
-                            beyond.push((b, node.key(i), bt.block));
+                give_back.send(batch.buf).ok();
+            }
+            d
+        });
+        let mut failed = Vec::new();
+        let mut done = 0u64;
+        for chunk in fresh.chunks(LEAF_BATCH) {
+            let mut buf = spare
+                .try_recv()
+                .unwrap_or_else(|_| vec![0u8; LEAF_BATCH * crate::pdata::BLOCK_SIZE]);
+            dev.read_sorted(chunk, &mut buf, &mut failed);
+            let mut leaves = Vec::with_capacity(chunk.len());
+            for (slot, &b) in chunk.iter().enumerate() {
+                let off = slot * crate::pdata::BLOCK_SIZE;
+                let res = match failed[slot].take() {
+                    Some(e) => Err(e),
+                    None => walker.check_leaf(b, &buf[off..off + crate::pdata::BLOCK_SIZE], 8),
+                };
+                match res {
+                    Ok(node) => {
+                        nr_entries[b as usize] = node.nr_entries() as u8;
+                        if let Some(i) = walker.leaf_fill_issue(&node, root_leaves.contains(&b)) {
+                            fill_issues.push((b, i));
                         }
-                        continue;
+                        leaves.push((b, slot as u32));
                     }
-                    if bt.time > sb.time {
-                        nr_future += 1;
-                        if future.len() < MAX_LISTED {
-                            future.push((b, node.key(i), bt.time));
-                        }
-                    }
-                    data_counts.inc(bt.block);
+                    Err(e) => leaf_errors.push((b, e)),
                 }
             }
-            Err(e) => leaf_errors.push((b, e)),
-        }
-        done += 1;
-        if done % 4096 == 0 {
+            done += chunk.len() as u64;
             progress(done, total);
+            if to_counter.send(LeafBatch { buf, leaves }).is_err() {
+                break; // the counter died; join() below reports it
+            }
         }
-        Ok::<(), std::convert::Infallible>(())
-    })
-    .ok();
+        drop(to_counter);
+        counter.join()
+    });
     progress(total, total);
+    let DataRefs {
+        counts: data_counts,
+        nr_beyond,
+        beyond,
+        nr_future,
+        future,
+        ..
+    } = match data {
+        Ok(d) => d,
+        Err(p) => std::panic::resume_unwind(p),
+    };
 
     // Name the device a damaged leaf belongs to.
     let owner = |leaf: u64| -> String {

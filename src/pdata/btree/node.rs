@@ -126,6 +126,20 @@ impl<'a> Node<'a> {
         Ok(node)
     }
 
+    /// The view of a block that [`Node::parse`] already accepted (so its
+    /// checksum is not computed again, e.g. on another thread). Only the
+    /// header is read; given data `parse` rejected, accessors may panic but
+    /// never read out of bounds.
+    pub fn validated(data: &'a [u8]) -> Node<'a> {
+        Node {
+            data,
+            leaf: le32(data, 4) == LEAF_NODE,
+            nr: le32(data, 16) as usize,
+            max: le32(data, 20) as usize,
+            value_size: le32(data, 24) as usize,
+        }
+    }
+
     pub fn block(&self) -> u64 {
         le64(self.data, 8)
     }

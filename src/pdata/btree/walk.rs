@@ -73,8 +73,10 @@ pub struct Walker<'d> {
     broken: FixedBitSet,
     /// Leaf sequences of all walks; shared subtrees are copied from here.
     arena: Vec<u64>,
-    /// Leaf -> intersection of the key ranges its parents give it.
-    leaf_bounds: HashMap<u64, (u64, u64)>,
+    /// Per block: for a leaf, the intersection `[lo, hi)` of the key ranges
+    /// its parents give it; (0, 0) for none (a real range has hi > 0).
+    /// Allocated (zeroed, so untouched pages cost nothing) at the first leaf.
+    leaf_bounds: Vec<(u64, u64)>,
     /// Leaves reached for the first time, in discovery order, since the last take.
     fresh: Vec<u64>,
     refs: Option<RefCounts>,
@@ -91,7 +93,7 @@ impl<'d> Walker<'d> {
             internal: HashMap::new(),
             broken: FixedBitSet::with_capacity(nr),
             arena: Vec::new(),
-            leaf_bounds: HashMap::new(),
+            leaf_bounds: Vec::new(),
             fresh: Vec::new(),
             refs: None,
             issues: Vec::new(),
@@ -160,7 +162,7 @@ impl<'d> Walker<'d> {
                 "internal node found where the tree's leaves are",
             ));
         }
-        if let Some(&(lo, hi)) = self.leaf_bounds.get(&loc) {
+        if let Some(&(lo, hi)) = self.leaf_bounds.get(loc as usize).filter(|r| r.1 != 0) {
             if let (Some(first), Some(last)) = (node.first_key(), node.last_key()) {
                 if first < lo || last >= hi {
                     return Err(Error::invalid(
@@ -277,13 +279,15 @@ impl<'d> Walker<'d> {
 
     fn reach_leaf(&mut self, leaf: u64, (lo, hi): (u64, u64)) {
         self.arena.push(leaf);
-        self.leaf_bounds
-            .entry(leaf)
-            .and_modify(|(l, h)| {
-                *l = (*l).max(lo);
-                *h = (*h).min(hi);
-            })
-            .or_insert((lo, hi));
+        if self.leaf_bounds.is_empty() {
+            self.leaf_bounds = vec![(0, 0); self.dev.nr_blocks() as usize];
+        }
+        let r = &mut self.leaf_bounds[leaf as usize];
+        *r = if r.1 == 0 {
+            (lo, hi)
+        } else {
+            (r.0.max(lo), r.1.min(hi))
+        };
         if !self.seen.put(leaf as usize) {
             self.fresh.push(leaf);
         } else if self.internal.contains_key(&leaf) || self.broken.contains(leaf as usize) {

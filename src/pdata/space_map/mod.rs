@@ -186,8 +186,11 @@ fn load_ref_count_tree(walker: &mut Walker, root: u64, errors: &mut Vec<Error>) 
     leaves
 }
 
-/// Reads a ref-count tree's (block, count) entries in block order, one leaf
-/// at a time, for lookups in increasing block order.
+/// Ref-count leaves a [`RefCountCursor`] reads at once.
+const CURSOR_BATCH: usize = 64;
+
+/// Reads a ref-count tree's (block, count) entries in block order, a batch
+/// of leaves at a time, for lookups in increasing block order.
 pub struct RefCountCursor<'a> {
     dev: &'a BlockDevice,
     leaves: &'a [u64],
@@ -217,16 +220,22 @@ impl<'a> RefCountCursor<'a> {
                 let (k, v) = self.entries[self.pos];
                 return Ok((k == b).then_some(v));
             }
-            let Some(&leaf) = self.leaves.get(self.next_leaf) else {
+            if self.next_leaf >= self.leaves.len() {
                 return Ok(None);
-            };
-            self.next_leaf += 1;
-            let mut buf = vec![0u8; BLOCK_SIZE];
-            self.dev.read_block(leaf, &mut buf)?;
-            let node = crate::pdata::btree::Node::parse(leaf, &buf, u32::SIZE)?;
+            }
+            // The next few leaves at once: fewer, larger reads.
+            let end = (self.next_leaf + CURSOR_BATCH).min(self.leaves.len());
+            let batch = &self.leaves[self.next_leaf..end];
+            self.next_leaf = end;
             self.entries.clear();
-            self.entries.extend(node.entries::<u32>());
             self.pos = 0;
+            let entries = &mut self.entries;
+            self.dev
+                .read_in_order(batch, CURSOR_BATCH, |_, leaf, data| {
+                    let node = crate::pdata::btree::Node::parse(leaf, data?, u32::SIZE)?;
+                    entries.extend(node.entries::<u32>());
+                    Ok::<(), Error>(())
+                })?;
         }
     }
 }
