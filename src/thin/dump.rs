@@ -6,7 +6,7 @@
 
 use std::io::{self, Write};
 
-use crate::pdata::btree::Walker;
+use crate::pdata::btree::{parse_leaf, salvage_leaves, Walker};
 use crate::pdata::io::BlockDevice;
 use crate::thin::device::BlockTime;
 use crate::thin::metadata::{Devices, ThinDevice};
@@ -171,13 +171,20 @@ pub fn emit_devices(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), Error> {
     let dev = walker.device();
-    // Walk every selected device's mapping tree (shared subtrees once).
+    // Strict: walk every selected device's mapping tree (shared subtrees
+    // once). Salvage: each tree on its own, keeping the leaves that are
+    // valid in that tree (damage in one tree takes nothing from another).
+    let salvaged: Vec<Vec<u64>>;
     let mut trees = Vec::with_capacity(devs.len());
-    for d in devs {
-        let before = walker.issues.len();
-        trees.push(walker.walk(d.root, 8));
-        if let Some(issue) = walker.issues[before..].iter().find(|i| i.fatal) {
-            if !salvage {
+    if salvage {
+        let roots: Vec<u64> = devs.iter().map(|d| d.root).collect();
+        salvaged = salvage_leaves(dev, &roots, 8);
+    } else {
+        salvaged = Vec::new();
+        for d in devs {
+            let before = walker.issues.len();
+            trees.push(walker.walk(d.root, 8));
+            if let Some(issue) = walker.issues[before..].iter().find(|i| i.fatal) {
                 return Err(Error::metadata(
                     format!("mapping tree of device {}", d.id),
                     issue.error.clone(),
@@ -185,7 +192,25 @@ pub fn emit_devices(
             }
         }
     }
-    let seqs: Vec<&[u64]> = trees.iter().map(|t| walker.leaves(t)).collect();
+    let seqs: Vec<&[u64]> = if salvage {
+        salvaged.iter().map(Vec::as_slice).collect()
+    } else {
+        trees.iter().map(|t| walker.leaves(t)).collect()
+    };
+    // Salvaged leaves were checked against their own trees' key ranges.
+    fn leaf<'a>(
+        walker: &Walker,
+        salvage: bool,
+        b: u64,
+        d: &'a [u8],
+    ) -> crate::pdata::Result<crate::pdata::btree::Node<'a>> {
+        if salvage {
+            parse_leaf(b, d, 8)
+        } else {
+            walker.check_leaf(b, d, 8)
+        }
+    }
+    let walker: &Walker = walker;
     // Salvage recounts mapped_blocks from what is readable (a first read of
     // the leaves), so rebuilt details agree with the rebuilt trees.
     let mapped: Option<Vec<u64>> = if salvage {
@@ -194,7 +219,7 @@ pub fn emit_devices(
         all.dedup();
         let mut nr = std::collections::HashMap::with_capacity(all.len());
         dev.read_in_order(&all, 1024, |_, b, data| {
-            if let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) {
+            if let Ok(node) = data.and_then(|d| leaf(walker, salvage, b, d)) {
                 let inside = (0..node.nr_entries())
                     .filter(|&i| {
                         BlockTime::unpack(node.value::<u64>(i)).block < info.nr_data_blocks
@@ -295,7 +320,7 @@ pub fn emit_devices(
     dev.read_in_order(&leaves, 1024, |_, b, data| -> Result<(), Error> {
         advance(out, &mut cursor, &mut runs, &mut owner)?;
         cursor += 1; // the leaf
-        let node = match data.and_then(|d| walker.check_leaf(b, d, 8)) {
+        let node = match data.and_then(|d| leaf(walker, salvage, b, d)) {
             Ok(node) => node,
             Err(_) if salvage => return Ok(()),
             Err(e) => {

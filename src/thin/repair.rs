@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::pdata::btree::Walker;
+use crate::pdata::btree::{parse_leaf, salvage_leaves, Walker};
 use crate::pdata::io::BlockDevice;
 use crate::pdata::scan::{scan, Scan};
 use crate::pdata::{self};
@@ -393,12 +393,13 @@ const MAX_SURVEY_BLOCKS: u64 = 1 << 33;
 /// shared when its leaf is in two devices' trees or its data block is mapped
 /// from two distinct leaves.
 fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
-    let mut walker = Walker::new(dev);
-    let per_dev: Vec<(u64, Vec<u64>)> = roots
-        .iter()
-        .map(|(&id, &root)| {
-            let t = walker.walk(root, 8);
-            let mut l = walker.leaves(&t).to_vec();
+    // The leaves emit_devices will emit (the same salvage reading).
+    let ids: Vec<u64> = roots.keys().copied().collect();
+    let root_blocks: Vec<u64> = roots.values().copied().collect();
+    let per_dev: Vec<(u64, Vec<u64>)> = ids
+        .into_iter()
+        .zip(salvage_leaves(dev, &root_blocks, 8))
+        .map(|(id, mut l)| {
             l.sort_unstable();
             l.dedup();
             (id, l)
@@ -431,7 +432,7 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
     let mut twice = fixedbitset::FixedBitSet::new();
     let mut precise = true;
     dev.read_in_order(&all, 1024, |i, b, data| {
-        let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) else {
+        let Ok(node) = data.and_then(|d| parse_leaf(b, d, 8)) else {
             return Ok::<(), std::convert::Infallible>(());
         };
         let mut t_max = None;
@@ -481,7 +482,7 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
     if precise {
         let blocks: Vec<u64> = private.iter().map(|&i| all[i]).collect();
         dev.read_in_order(&blocks, 1024, |k, b, data| {
-            let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) else {
+            let Ok(node) = data.and_then(|d| parse_leaf(b, d, 8)) else {
                 return Ok::<(), std::convert::Infallible>(());
             };
             let t = (0..node.nr_entries())
