@@ -593,3 +593,43 @@ fn a_pointer_into_another_devices_tree_takes_nothing_from_it() {
         );
     }
 }
+
+#[test]
+fn times_after_the_pool_time_are_damage_that_repair_lowers() {
+    // Pool time 1. A mapping stamped 5000 and a snap_time of 9999 (re-sealed)
+    // fail the check; the repaired pool passes it: the mapping gets time 0
+    // (treated as shared: copied on write) and the snap_time the pool time.
+    let t = tempfile::tempdir().unwrap();
+    let img = origin_and_snapshot(t.path());
+    let want = parse(&dump(&img, &[]));
+    let roots = device_roots(&img);
+    let leaf = {
+        let r = roots[&1];
+        let bytes = std::fs::read(&img).unwrap();
+        // A 101-mapping tree is a single leaf.
+        assert_eq!(
+            bytes[r as usize * BLOCK as usize + 4],
+            2,
+            "device 1's root is a leaf"
+        );
+        r
+    };
+    patch_node(&img, leaf, |b| {
+        let v = le64_at(b, VALUES) & !0xff_ffff | 5000;
+        b[VALUES..VALUES + 8].copy_from_slice(&v.to_le_bytes());
+    });
+    let details = sb_u64(&img, 328);
+    patch_node(&img, details, |b| {
+        // Entry 1 (device 2): mapped_blocks, transaction, creation, snap_time.
+        let off = 32 + 8 * 126 + 24 + 20;
+        b[off..off + 4].copy_from_slice(&9999u32.to_le_bytes());
+    });
+    let ck = run("thin_check", &[img.to_str().unwrap()]);
+    assert!(!ck.status.success());
+    let (got, _) = repair(&img, t.path(), &[]);
+    assert_eq!(got.devs[&2]["snap_time"], "1");
+    let first = want.maps[&1][0];
+    assert_eq!(first.2, 0, "fixture: device 1's first mapping has time 0");
+    assert!(got.maps[&1].contains(&(first.0, first.1, 0)));
+    assert_eq!(got.maps[&1].len(), want.maps[&1].len());
+}

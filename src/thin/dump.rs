@@ -332,9 +332,14 @@ pub fn emit_devices(
             }
         };
         for i in 0..node.nr_entries() {
-            let bt = BlockTime::unpack(node.value::<u64>(i));
+            let mut bt = BlockTime::unpack(node.value::<u64>(i));
             if salvage && bt.block >= info.nr_data_blocks {
                 continue; // points outside the pool: damage
+            }
+            if salvage && bt.time as u64 > info.time {
+                // Written after the pool's time: damage. Time 0 treats the
+                // mapping as shared (copied on write), which is always safe.
+                bt.time = 0;
             }
             if let Some(m) = runs.push(node.key(i), bt) {
                 out.mapping(&m)?;

@@ -392,7 +392,17 @@ const MAX_SURVEY_BLOCKS: u64 = 1 << 33;
 /// Read the leaves of `roots` (each distinct leaf twice): a mapping may be
 /// shared when its leaf is in two devices' trees or its data block is mapped
 /// from two distinct leaves.
-fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
+///
+/// With `limit` (the surviving superblock's pool time), a mapping time after
+/// it is damage: it counts as time 0, as [`emit_devices`] emits it.
+fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>, limit: Option<u32>) -> Survey {
+    let time_of = |bt: BlockTime| {
+        if limit.is_some_and(|l| bt.time > l) {
+            0
+        } else {
+            bt.time
+        }
+    };
     // The leaves emit_devices will emit (the same salvage reading).
     let ids: Vec<u64> = roots.keys().copied().collect();
     let root_blocks: Vec<u64> = roots.values().copied().collect();
@@ -438,7 +448,7 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
         let mut t_max = None;
         for j in 0..node.nr_entries() {
             let bt = BlockTime::unpack(node.value::<u64>(j));
-            t_max = t_max.max(Some(bt.time));
+            t_max = t_max.max(Some(time_of(bt)));
             out.max_block = out.max_block.max(Some(bt.block));
             if !precise {
                 continue;
@@ -488,7 +498,7 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
             let t = (0..node.nr_entries())
                 .map(|j| BlockTime::unpack(node.value::<u64>(j)))
                 .filter(|bt| twice.contains(bt.block as usize))
-                .map(|bt| bt.time)
+                .map(time_of)
                 .max();
             if let Some(t) = t {
                 shared_time[private[k]] = t;
@@ -586,7 +596,7 @@ pub fn find_source(
     let survey = if intact {
         None
     } else {
-        Some(survey(dev, &trees.roots))
+        Some(survey(dev, &trees.roots, sb.as_ref().ok().map(|s| s.time)))
     };
 
     let data_block_size = overrides
@@ -655,6 +665,21 @@ pub fn find_source(
         }
     };
     let mut details = trees.details.clone();
+    if let Ok(s) = &sb {
+        // The kernel never records a time after its pool time: such a time
+        // is damage. Lowering a snap_time to the pool time only treats more
+        // mappings as shared (copied on write), never fewer.
+        for (id, d) in details.iter_mut() {
+            if d.creation_time > s.time || d.snapshotted_time > s.time {
+                notes.push(format!(
+                    "device {id}: creation time {} / snap_time {} after the pool's time {}: lowered to it",
+                    d.creation_time, d.snapshotted_time, s.time
+                ));
+                d.creation_time = d.creation_time.min(s.time);
+                d.snapshotted_time = d.snapshotted_time.min(s.time);
+            }
+        }
+    }
     if let Some(sv) = &survey {
         // The kernel treats a mapping as shared iff its time is below the
         // snap_time of the device holding it, and stamps new mappings with
