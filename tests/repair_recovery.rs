@@ -633,3 +633,25 @@ fn times_after_the_pool_time_are_damage_that_repair_lowers() {
     assert!(got.maps[&1].contains(&(first.0, first.1, 0)));
     assert_eq!(got.maps[&1].len(), want.maps[&1].len());
 }
+
+#[test]
+fn a_leaf_with_a_foreign_max_entries_is_not_salvaged() {
+    // kernel-small: device 2's leaf says max_entries 249 (re-sealed): its
+    // values would be read 24 bytes early, as mappings nobody wrote.
+    let t = tempfile::tempdir().unwrap();
+    let img = unpack(&fixture_dir().join("meta.img.gz"), t.path(), "meta.img");
+    let want = parse(&dump(&img, &[]));
+    let leaf = device_roots(&img)[&2];
+    patch_node(&img, leaf, |b| {
+        b[20..24].copy_from_slice(&249u32.to_le_bytes())
+    });
+    let got = parse(&dump(&img, &["--repair"]));
+    for (dev, maps) in &got.maps {
+        for m in maps {
+            assert!(
+                want.maps[dev].contains(m),
+                "device {dev}: {m:?} is not in the original"
+            );
+        }
+    }
+}

@@ -487,11 +487,17 @@ pub fn salvage_leaves(dev: &BlockDevice, roots: &[u64], value_size: usize) -> Ve
     let mut all: Vec<u64> = trees.iter().flatten().map(|&(l, _)| l).collect();
     all.sort_unstable();
     all.dedup();
-    // Leaf -> its first and last key (None: a valid empty leaf).
+    // Leaf -> its first and last key (None: a valid empty leaf). Salvage
+    // also wants the max_entries every writer (the kernel, the peer, this
+    // project) gives a leaf of this value size: with another one the values
+    // are read from the wrong place, and the resulting mappings would be
+    // invented.
     let mut keys: HashMap<u64, Option<(u64, u64)>> = HashMap::with_capacity(all.len());
     dev.read_in_order(&all, 1024, |_, b, data| {
         if let Ok(node) = data.and_then(|d| parse_leaf(b, d, value_size)) {
-            keys.insert(b, node.first_key().zip(node.last_key()));
+            if node.max_entries() == super::node::max_entries(value_size) {
+                keys.insert(b, node.first_key().zip(node.last_key()));
+            }
         }
         Ok::<(), std::convert::Infallible>(())
     })
