@@ -175,10 +175,19 @@ pub fn emit_devices(
     // once). Salvage: each tree on its own, keeping the leaves that are
     // valid in that tree (damage in one tree takes nothing from another).
     let salvaged: Vec<Vec<u64>>;
+    let mut inside_counts: std::collections::HashMap<u64, u64> = Default::default();
     let mut trees = Vec::with_capacity(devs.len());
     if salvage {
         let roots: Vec<u64> = devs.iter().map(|d| d.root).collect();
-        salvaged = salvage_leaves(dev, &roots, 8);
+        // Salvage recounts mapped_blocks from what is readable, so rebuilt
+        // details agree with the rebuilt trees: each valid leaf's mappings
+        // inside the pool, counted as salvage_leaves reads it.
+        salvaged = salvage_leaves(dev, &roots, 8, |node| {
+            let inside = (0..node.nr_entries())
+                .filter(|&i| BlockTime::unpack(node.value::<u64>(i)).block < info.nr_data_blocks)
+                .count();
+            inside_counts.insert(node.block(), inside as u64);
+        });
     } else {
         salvaged = Vec::new();
         for d in devs {
@@ -211,33 +220,16 @@ pub fn emit_devices(
         }
     }
     let walker: &Walker = walker;
-    // Salvage recounts mapped_blocks from what is readable (a first read of
-    // the leaves), so rebuilt details agree with the rebuilt trees.
-    let mapped: Option<Vec<u64>> = if salvage {
-        let mut all: Vec<u64> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-        all.sort_unstable();
-        all.dedup();
-        let mut nr = std::collections::HashMap::with_capacity(all.len());
-        dev.read_in_order(&all, 1024, |_, b, data| {
-            if let Ok(node) = data.and_then(|d| leaf(walker, salvage, b, d)) {
-                let inside = (0..node.nr_entries())
-                    .filter(|&i| {
-                        BlockTime::unpack(node.value::<u64>(i)).block < info.nr_data_blocks
-                    })
-                    .count();
-                nr.insert(b, inside as u64);
-            }
-            Ok::<(), std::convert::Infallible>(())
-        })
-        .ok();
-        Some(
-            seqs.iter()
-                .map(|s| s.iter().map(|l| nr.get(l).copied().unwrap_or(0)).sum())
-                .collect(),
-        )
-    } else {
-        None
-    };
+    // Salvage: each device's mapped_blocks, from the counts above.
+    let mapped: Option<Vec<u64>> = salvage.then(|| {
+        seqs.iter()
+            .map(|s| {
+                s.iter()
+                    .map(|l| inside_counts.get(l).copied().unwrap_or(0))
+                    .sum()
+            })
+            .collect()
+    });
     let plan = plan_sharing(dev.nr_blocks(), &seqs);
 
     // Lay the output out as events, then stream the leaves in that order.

@@ -408,7 +408,7 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>, limit: Option<u32>) -> 
     let root_blocks: Vec<u64> = roots.values().copied().collect();
     let per_dev: Vec<(u64, Vec<u64>)> = ids
         .into_iter()
-        .zip(salvage_leaves(dev, &root_blocks, 8))
+        .zip(salvage_leaves(dev, &root_blocks, 8, |_| {}))
         .map(|(id, mut l)| {
             l.sort_unstable();
             l.dedup();

@@ -470,8 +470,14 @@ pub fn parse_leaf(loc: u64, data: &[u8], value_size: usize) -> Result<Node<'_>> 
 /// copied over another tree's node) cannot take leaves away from the other
 /// trees: a leaf is kept in a tree when it is a valid leaf and its keys lie
 /// in the range the parents in *that* tree give it. Each distinct leaf is
-/// read once.
-pub fn salvage_leaves(dev: &BlockDevice, roots: &[u64], value_size: usize) -> Vec<Vec<u64>> {
+/// read once; `on_leaf` sees each one that is valid (for callers that want
+/// its entries without reading it again).
+pub fn salvage_leaves(
+    dev: &BlockDevice,
+    roots: &[u64],
+    value_size: usize,
+    mut on_leaf: impl FnMut(&Node),
+) -> Vec<Vec<u64>> {
     type Bounded = Vec<(u64, (u64, u64))>;
     let mut trees: Vec<Bounded> = Vec::with_capacity(roots.len());
     for &root in roots {
@@ -496,6 +502,7 @@ pub fn salvage_leaves(dev: &BlockDevice, roots: &[u64], value_size: usize) -> Ve
     dev.read_in_order(&all, 1024, |_, b, data| {
         if let Ok(node) = data.and_then(|d| parse_leaf(b, d, value_size)) {
             if node.max_entries() == super::node::max_entries(value_size) {
+                on_leaf(&node);
                 keys.insert(b, node.first_key().zip(node.last_key()));
             }
         }
