@@ -500,3 +500,158 @@ fn data_blocks_shared_from_distinct_leaves_are_found() {
     assert_eq!(got.sb("nr_data_blocks"), 600);
     got.assert_kernel_safe(true);
 }
+
+/// Change btree node `b` of `img` with `f`, then re-seal its checksum.
+fn patch_node(img: &Path, b: u64, f: impl FnOnce(&mut [u8])) {
+    use std::os::unix::fs::FileExt;
+    use thinmeta::pdata::checksum::{seal, BlockKind};
+    let file = open_rw(img);
+    let mut buf = vec![0u8; BLOCK as usize];
+    file.read_exact_at(&mut buf, b * BLOCK).unwrap();
+    f(&mut buf);
+    seal(&mut buf, BlockKind::BTreeNode);
+    file.write_all_at(&buf, b * BLOCK).unwrap();
+}
+
+fn le64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+/// Value `i` of a node with 8-byte values (key area of 252 entries).
+const VALUES: usize = 32 + 8 * 252;
+
+/// Device id -> mapping-tree root, from the top-level leaf.
+fn device_roots(img: &Path) -> BTreeMap<u64, u64> {
+    let bytes = std::fs::read(img).unwrap();
+    let top = sb_u64(img, 320) as usize * BLOCK as usize;
+    let node = &bytes[top..top + BLOCK as usize];
+    let nr = u32::from_le_bytes(node[16..20].try_into().unwrap()) as usize;
+    (0..nr)
+        .map(|i| (le64_at(node, 32 + 8 * i), le64_at(node, VALUES + 8 * i)))
+        .collect()
+}
+
+fn node_u64(img: &Path, b: u64, off: usize) -> u64 {
+    let bytes = std::fs::read(img).unwrap();
+    le64_at(&bytes, b as usize * BLOCK as usize + off)
+}
+
+#[test]
+fn a_pointer_into_another_devices_tree_takes_nothing_from_it() {
+    // Two devices with 2-level mapping trees (600 and 400 mappings). Device
+    // 1's root is made to point at device 2's root, then at device 2's
+    // second leaf (re-sealed, so only the structure tells). Salvage reads
+    // each tree on its own: device 2 keeps every mapping.
+    let t = tempfile::tempdir().unwrap();
+    let dev = |id: u64, n: u64, first: u64| -> String {
+        let maps: String = (0..n)
+            .map(|i| {
+                format!(
+                    "    <single_mapping origin_block=\"{}\" data_block=\"{}\" time=\"0\"/>\n",
+                    2 * i,
+                    first + i
+                )
+            })
+            .collect();
+        format!("  <device dev_id=\"{id}\" mapped_blocks=\"{n}\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">\n{maps}  </device>\n")
+    };
+    let xml = format!(
+        "<superblock uuid=\"\" time=\"0\" transaction=\"1\" version=\"2\" data_block_size=\"128\" nr_data_blocks=\"2048\">\n{}{}</superblock>\n",
+        dev(1, 600, 0),
+        dev(2, 400, 1000)
+    );
+    let x = t.path().join("pool.xml");
+    std::fs::write(&x, xml).unwrap();
+    let img = blank(t.path(), "meta.img");
+    let r = run(
+        "thin_restore",
+        &["-i", x.to_str().unwrap(), "-o", img.to_str().unwrap()],
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let want = parse(&dump(&img, &[]));
+    let roots = device_roots(&img);
+    let (r1, r2) = (roots[&1], roots[&2]);
+    let leaf2 = node_u64(&img, r2, VALUES + 8);
+    for (slot, target) in [(2usize, r2), (0, leaf2)] {
+        let case = t.path().join("case.img");
+        std::fs::copy(&img, &case).unwrap();
+        patch_node(&case, r1, |b| {
+            b[VALUES + 8 * slot..VALUES + 8 * slot + 8].copy_from_slice(&target.to_le_bytes())
+        });
+        assert!(!run("thin_check", &[case.to_str().unwrap()])
+            .status
+            .success());
+        let (got, _) = repair(&case, t.path(), &[]);
+        assert_eq!(
+            got.maps[&2], want.maps[&2],
+            "device 2 (device 1 -> {target})"
+        );
+        let orig1: std::collections::BTreeSet<_> = want.maps[&1].iter().collect();
+        assert!(
+            got.maps[&1].iter().all(|m| orig1.contains(m)),
+            "device 1 gets nothing of device 2's"
+        );
+    }
+}
+
+#[test]
+fn times_after_the_pool_time_are_damage_that_repair_lowers() {
+    // Pool time 1. A mapping stamped 5000 and a snap_time of 9999 (re-sealed)
+    // fail the check; the repaired pool passes it: the mapping gets time 0
+    // (treated as shared: copied on write) and the snap_time the pool time.
+    let t = tempfile::tempdir().unwrap();
+    let img = origin_and_snapshot(t.path());
+    let want = parse(&dump(&img, &[]));
+    let roots = device_roots(&img);
+    let leaf = {
+        let r = roots[&1];
+        let bytes = std::fs::read(&img).unwrap();
+        // A 101-mapping tree is a single leaf.
+        assert_eq!(
+            bytes[r as usize * BLOCK as usize + 4],
+            2,
+            "device 1's root is a leaf"
+        );
+        r
+    };
+    patch_node(&img, leaf, |b| {
+        let v = le64_at(b, VALUES) & !0xff_ffff | 5000;
+        b[VALUES..VALUES + 8].copy_from_slice(&v.to_le_bytes());
+    });
+    let details = sb_u64(&img, 328);
+    patch_node(&img, details, |b| {
+        // Entry 1 (device 2): mapped_blocks, transaction, creation, snap_time.
+        let off = 32 + 8 * 126 + 24 + 20;
+        b[off..off + 4].copy_from_slice(&9999u32.to_le_bytes());
+    });
+    let ck = run("thin_check", &[img.to_str().unwrap()]);
+    assert!(!ck.status.success());
+    let (got, _) = repair(&img, t.path(), &[]);
+    assert_eq!(got.devs[&2]["snap_time"], "1");
+    let first = want.maps[&1][0];
+    assert_eq!(first.2, 0, "fixture: device 1's first mapping has time 0");
+    assert!(got.maps[&1].contains(&(first.0, first.1, 0)));
+    assert_eq!(got.maps[&1].len(), want.maps[&1].len());
+}
+
+#[test]
+fn a_leaf_with_a_foreign_max_entries_is_not_salvaged() {
+    // kernel-small: device 2's leaf says max_entries 249 (re-sealed): its
+    // values would be read 24 bytes early, as mappings nobody wrote.
+    let t = tempfile::tempdir().unwrap();
+    let img = unpack(&fixture_dir().join("meta.img.gz"), t.path(), "meta.img");
+    let want = parse(&dump(&img, &[]));
+    let leaf = device_roots(&img)[&2];
+    patch_node(&img, leaf, |b| {
+        b[20..24].copy_from_slice(&249u32.to_le_bytes())
+    });
+    let got = parse(&dump(&img, &["--repair"]));
+    for (dev, maps) in &got.maps {
+        for m in maps {
+            assert!(
+                want.maps[dev].contains(m),
+                "device {dev}: {m:?} is not in the original"
+            );
+        }
+    }
+}

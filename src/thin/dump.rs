@@ -6,7 +6,7 @@
 
 use std::io::{self, Write};
 
-use crate::pdata::btree::Walker;
+use crate::pdata::btree::{parse_leaf, salvage_leaves, Walker};
 use crate::pdata::io::BlockDevice;
 use crate::thin::device::BlockTime;
 use crate::thin::metadata::{Devices, ThinDevice};
@@ -171,13 +171,29 @@ pub fn emit_devices(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), Error> {
     let dev = walker.device();
-    // Walk every selected device's mapping tree (shared subtrees once).
+    // Strict: walk every selected device's mapping tree (shared subtrees
+    // once). Salvage: each tree on its own, keeping the leaves that are
+    // valid in that tree (damage in one tree takes nothing from another).
+    let salvaged: Vec<Vec<u64>>;
+    let mut inside_counts: std::collections::HashMap<u64, u64> = Default::default();
     let mut trees = Vec::with_capacity(devs.len());
-    for d in devs {
-        let before = walker.issues.len();
-        trees.push(walker.walk(d.root, 8));
-        if let Some(issue) = walker.issues[before..].iter().find(|i| i.fatal) {
-            if !salvage {
+    if salvage {
+        let roots: Vec<u64> = devs.iter().map(|d| d.root).collect();
+        // Salvage recounts mapped_blocks from what is readable, so rebuilt
+        // details agree with the rebuilt trees: each valid leaf's mappings
+        // inside the pool, counted as salvage_leaves reads it.
+        salvaged = salvage_leaves(dev, &roots, 8, |node| {
+            let inside = (0..node.nr_entries())
+                .filter(|&i| BlockTime::unpack(node.value::<u64>(i)).block < info.nr_data_blocks)
+                .count();
+            inside_counts.insert(node.block(), inside as u64);
+        });
+    } else {
+        salvaged = Vec::new();
+        for d in devs {
+            let before = walker.issues.len();
+            trees.push(walker.walk(d.root, 8));
+            if let Some(issue) = walker.issues[before..].iter().find(|i| i.fatal) {
                 return Err(Error::metadata(
                     format!("mapping tree of device {}", d.id),
                     issue.error.clone(),
@@ -185,34 +201,35 @@ pub fn emit_devices(
             }
         }
     }
-    let seqs: Vec<&[u64]> = trees.iter().map(|t| walker.leaves(t)).collect();
-    // Salvage recounts mapped_blocks from what is readable (a first read of
-    // the leaves), so rebuilt details agree with the rebuilt trees.
-    let mapped: Option<Vec<u64>> = if salvage {
-        let mut all: Vec<u64> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-        all.sort_unstable();
-        all.dedup();
-        let mut nr = std::collections::HashMap::with_capacity(all.len());
-        dev.read_in_order(&all, 1024, |_, b, data| {
-            if let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) {
-                let inside = (0..node.nr_entries())
-                    .filter(|&i| {
-                        BlockTime::unpack(node.value::<u64>(i)).block < info.nr_data_blocks
-                    })
-                    .count();
-                nr.insert(b, inside as u64);
-            }
-            Ok::<(), std::convert::Infallible>(())
-        })
-        .ok();
-        Some(
-            seqs.iter()
-                .map(|s| s.iter().map(|l| nr.get(l).copied().unwrap_or(0)).sum())
-                .collect(),
-        )
+    let seqs: Vec<&[u64]> = if salvage {
+        salvaged.iter().map(Vec::as_slice).collect()
     } else {
-        None
+        trees.iter().map(|t| walker.leaves(t)).collect()
     };
+    // Salvaged leaves were checked against their own trees' key ranges.
+    fn leaf<'a>(
+        walker: &Walker,
+        salvage: bool,
+        b: u64,
+        d: &'a [u8],
+    ) -> crate::pdata::Result<crate::pdata::btree::Node<'a>> {
+        if salvage {
+            parse_leaf(b, d, 8)
+        } else {
+            walker.check_leaf(b, d, 8)
+        }
+    }
+    let walker: &Walker = walker;
+    // Salvage: each device's mapped_blocks, from the counts above.
+    let mapped: Option<Vec<u64>> = salvage.then(|| {
+        seqs.iter()
+            .map(|s| {
+                s.iter()
+                    .map(|l| inside_counts.get(l).copied().unwrap_or(0))
+                    .sum()
+            })
+            .collect()
+    });
     let plan = plan_sharing(dev.nr_blocks(), &seqs);
 
     // Lay the output out as events, then stream the leaves in that order.
@@ -295,7 +312,7 @@ pub fn emit_devices(
     dev.read_in_order(&leaves, 1024, |_, b, data| -> Result<(), Error> {
         advance(out, &mut cursor, &mut runs, &mut owner)?;
         cursor += 1; // the leaf
-        let node = match data.and_then(|d| walker.check_leaf(b, d, 8)) {
+        let node = match data.and_then(|d| leaf(walker, salvage, b, d)) {
             Ok(node) => node,
             Err(_) if salvage => return Ok(()),
             Err(e) => {
@@ -307,9 +324,14 @@ pub fn emit_devices(
             }
         };
         for i in 0..node.nr_entries() {
-            let bt = BlockTime::unpack(node.value::<u64>(i));
+            let mut bt = BlockTime::unpack(node.value::<u64>(i));
             if salvage && bt.block >= info.nr_data_blocks {
                 continue; // points outside the pool: damage
+            }
+            if salvage && bt.time as u64 > info.time {
+                // Written after the pool's time: damage. Time 0 treats the
+                // mapping as shared (copied on write), which is always safe.
+                bt.time = 0;
             }
             if let Some(m) = runs.push(node.key(i), bt) {
                 out.mapping(&m)?;

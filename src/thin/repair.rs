@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::pdata::btree::Walker;
+use crate::pdata::btree::{parse_leaf, salvage_leaves, Walker};
 use crate::pdata::io::BlockDevice;
 use crate::pdata::scan::{scan, Scan};
 use crate::pdata::{self};
@@ -392,13 +392,24 @@ const MAX_SURVEY_BLOCKS: u64 = 1 << 33;
 /// Read the leaves of `roots` (each distinct leaf twice): a mapping may be
 /// shared when its leaf is in two devices' trees or its data block is mapped
 /// from two distinct leaves.
-fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
-    let mut walker = Walker::new(dev);
-    let per_dev: Vec<(u64, Vec<u64>)> = roots
-        .iter()
-        .map(|(&id, &root)| {
-            let t = walker.walk(root, 8);
-            let mut l = walker.leaves(&t).to_vec();
+///
+/// With `limit` (the surviving superblock's pool time), a mapping time after
+/// it is damage: it counts as time 0, as [`emit_devices`] emits it.
+fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>, limit: Option<u32>) -> Survey {
+    let time_of = |bt: BlockTime| {
+        if limit.is_some_and(|l| bt.time > l) {
+            0
+        } else {
+            bt.time
+        }
+    };
+    // The leaves emit_devices will emit (the same salvage reading).
+    let ids: Vec<u64> = roots.keys().copied().collect();
+    let root_blocks: Vec<u64> = roots.values().copied().collect();
+    let per_dev: Vec<(u64, Vec<u64>)> = ids
+        .into_iter()
+        .zip(salvage_leaves(dev, &root_blocks, 8, |_| {}))
+        .map(|(id, mut l)| {
             l.sort_unstable();
             l.dedup();
             (id, l)
@@ -431,13 +442,13 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
     let mut twice = fixedbitset::FixedBitSet::new();
     let mut precise = true;
     dev.read_in_order(&all, 1024, |i, b, data| {
-        let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) else {
+        let Ok(node) = data.and_then(|d| parse_leaf(b, d, 8)) else {
             return Ok::<(), std::convert::Infallible>(());
         };
         let mut t_max = None;
         for j in 0..node.nr_entries() {
             let bt = BlockTime::unpack(node.value::<u64>(j));
-            t_max = t_max.max(Some(bt.time));
+            t_max = t_max.max(Some(time_of(bt)));
             out.max_block = out.max_block.max(Some(bt.block));
             if !precise {
                 continue;
@@ -481,13 +492,13 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>) -> Survey {
     if precise {
         let blocks: Vec<u64> = private.iter().map(|&i| all[i]).collect();
         dev.read_in_order(&blocks, 1024, |k, b, data| {
-            let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) else {
+            let Ok(node) = data.and_then(|d| parse_leaf(b, d, 8)) else {
                 return Ok::<(), std::convert::Infallible>(());
             };
             let t = (0..node.nr_entries())
                 .map(|j| BlockTime::unpack(node.value::<u64>(j)))
                 .filter(|bt| twice.contains(bt.block as usize))
-                .map(|bt| bt.time)
+                .map(time_of)
                 .max();
             if let Some(t) = t {
                 shared_time[private[k]] = t;
@@ -585,7 +596,7 @@ pub fn find_source(
     let survey = if intact {
         None
     } else {
-        Some(survey(dev, &trees.roots))
+        Some(survey(dev, &trees.roots, sb.as_ref().ok().map(|s| s.time)))
     };
 
     let data_block_size = overrides
@@ -654,6 +665,21 @@ pub fn find_source(
         }
     };
     let mut details = trees.details.clone();
+    if let Ok(s) = &sb {
+        // The kernel never records a time after its pool time: such a time
+        // is damage. Lowering a snap_time to the pool time only treats more
+        // mappings as shared (copied on write), never fewer.
+        for (id, d) in details.iter_mut() {
+            if d.creation_time > s.time || d.snapshotted_time > s.time {
+                notes.push(format!(
+                    "device {id}: creation time {} / snap_time {} after the pool's time {}: lowered to it",
+                    d.creation_time, d.snapshotted_time, s.time
+                ));
+                d.creation_time = d.creation_time.min(s.time);
+                d.snapshotted_time = d.snapshotted_time.min(s.time);
+            }
+        }
+    }
     if let Some(sv) = &survey {
         // The kernel treats a mapping as shared iff its time is below the
         // snap_time of the device holding it, and stamps new mappings with

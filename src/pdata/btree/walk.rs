@@ -152,16 +152,19 @@ impl<'d> Walker<'d> {
         !self.seen.put(b as usize)
     }
 
+    /// The key range the parents give `leaf` (`0..u64::MAX` when unknown).
+    fn leaf_range(&self, leaf: u64) -> (u64, u64) {
+        self.leaf_bounds
+            .get(leaf as usize)
+            .copied()
+            .filter(|r| r.1 != 0)
+            .unwrap_or((0, u64::MAX))
+    }
+
     /// Validate a leaf read by the caller: node checks, the leaf flag, and
     /// keys inside every range its parents give it.
     pub fn check_leaf<'a>(&self, loc: u64, data: &'a [u8], value_size: usize) -> Result<Node<'a>> {
-        let node = Node::parse(loc, data, value_size)?;
-        if !node.is_leaf() {
-            return Err(Error::invalid(
-                loc,
-                "internal node found where the tree's leaves are",
-            ));
-        }
+        let node = parse_leaf(loc, data, value_size)?;
         if let Some(&(lo, hi)) = self.leaf_bounds.get(loc as usize).filter(|r| r.1 != 0) {
             if let (Some(first), Some(last)) = (node.first_key(), node.last_key()) {
                 if first < lo || last >= hi {
@@ -459,6 +462,74 @@ impl<'d> Walker<'d> {
             s.done = true;
         }
     }
+}
+
+/// Validate a leaf read by the caller: node checks and the leaf flag, but no
+/// parent's key range (callers that check ranges themselves, per parent).
+pub fn parse_leaf(loc: u64, data: &[u8], value_size: usize) -> Result<Node<'_>> {
+    let node = Node::parse(loc, data, value_size)?;
+    if !node.is_leaf() {
+        return Err(Error::invalid(
+            loc,
+            "internal node found where the tree's leaves are",
+        ));
+    }
+    Ok(node)
+}
+
+/// Salvage reading of several trees (thin_repair, thin_dump --repair): the
+/// usable leaves of each tree at `roots`, in key order. Each tree is walked
+/// on its own, so damage in one tree (a pointer into another tree, a node
+/// copied over another tree's node) cannot take leaves away from the other
+/// trees: a leaf is kept in a tree when it is a valid leaf and its keys lie
+/// in the range the parents in *that* tree give it. Each distinct leaf is
+/// read once; `on_leaf` sees each one that is valid (for callers that want
+/// its entries without reading it again).
+pub fn salvage_leaves(
+    dev: &BlockDevice,
+    roots: &[u64],
+    value_size: usize,
+    mut on_leaf: impl FnMut(&Node),
+) -> Vec<Vec<u64>> {
+    type Bounded = Vec<(u64, (u64, u64))>;
+    let mut trees: Vec<Bounded> = Vec::with_capacity(roots.len());
+    for &root in roots {
+        let mut w = Walker::new(dev);
+        let t = w.walk(root, value_size);
+        trees.push(w.leaves(&t).iter().map(|&l| (l, w.leaf_range(l))).collect());
+    }
+    let mut all: Vec<u64> = trees.iter().flatten().map(|&(l, _)| l).collect();
+    all.sort_unstable();
+    all.dedup();
+    // Leaf -> its first and last key (None: a valid empty leaf). Salvage
+    // also wants the max_entries every writer (the kernel, the peer, this
+    // project) gives a leaf of this value size: with another one the values
+    // are read from the wrong place, and the resulting mappings would be
+    // invented.
+    let mut keys: HashMap<u64, Option<(u64, u64)>> = HashMap::with_capacity(all.len());
+    dev.read_in_order(&all, 1024, |_, b, data| {
+        if let Ok(node) = data.and_then(|d| parse_leaf(b, d, value_size)) {
+            if node.max_entries() == super::node::max_entries(value_size) {
+                on_leaf(&node);
+                keys.insert(b, node.first_key().zip(node.last_key()));
+            }
+        }
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .ok();
+    trees
+        .into_iter()
+        .map(|t| {
+            t.into_iter()
+                .filter(|(l, (lo, hi))| match keys.get(l) {
+                    Some(Some((first, last))) => first >= lo && last < hi,
+                    Some(None) => true,
+                    None => false,
+                })
+                .map(|(l, _)| l)
+                .collect()
+        })
+        .collect()
 }
 
 /// The entries of a one-level tree (or one level's worth of leaves) read through a walker.
