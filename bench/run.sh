@@ -12,6 +12,7 @@
 #          Large set: default 5, and at most LARGE_SLOW_REPS (default 3) for the slow
 #          tools (thin_restore, thin_repair, thin_generate_metadata).
 #          Huge set: default 1 (HUGE_SLOW_REPS, default 1, for the slow tools).
+#   BENCH_LOG=1: print each run's figures on stderr as it ends.
 #   PEER   the original's multi-call binary (thin-provisioning-tools' pdata_tools, called
 #          as `$PEER thin_check ...`).  When set, every command the peer has is also run
 #          with the peer, alternately with ours (ours, peer, ours, peer, ...), on the same
@@ -224,6 +225,9 @@ measure() {
         }
         BEGIN { printf "%.6f %.3f %d %s %s %s %d\n", t1 - t0, secs(c1) - secs(c0), m, e, u, s, rc }' \
         >> "$scratch/$label.dat"
+    # Each run as it ends, on stderr (a long run's figures survive an interruption).
+    [[ ${BENCH_LOG:-0} == 1 ]] && echo "measured $label: $(tail -1 "$scratch/$label.dat") ($(date -u +%T))" >&2
+    return 0
 }
 
 # stats FILE COLUMN -> "median min max"
@@ -579,7 +583,7 @@ pool_set() {
 
     # read-only tools: one warm-up (large only), then timed runs, the peer's alternately
     local t cmd pcmd out_bytes wrc
-    for t in check dump ls delta delta_changes_only; do
+    for t in check ls delta delta_changes_only dump; do
         case $t in
             check) cmd=(thin_check "$img") ;;
             dump)  cmd=(thin_dump "$img") ;;

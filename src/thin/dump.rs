@@ -155,18 +155,22 @@ pub fn dump(
         return Err(Error::Inconsistent(e));
     }
     let devs: Vec<ThinDevice> = devs.into_iter().filter(|d| selected(&d.id)).collect();
-    emit_devices(&mut walker, &info, &devs, false, out, progress)
+    emit_devices(&mut walker, &info, &devs, false, None, out, progress)
 }
 
 /// Emit the events of `devs` (their mapping trees walked from their roots).
 /// Strict: the first damaged node is an error. Salvage (`salvage`, for
 /// repair): damaged subtrees and leaves are left out, everything readable is
-/// emitted.
+/// emitted, and each device's `mapped_blocks` is recounted from what is
+/// readable (a first read of the leaves). `mapped_cache` keeps those counts
+/// for another emission of the same devices from the same input (repair's
+/// second pass), which then skips that first read.
 pub fn emit_devices(
     walker: &mut Walker,
     info: &SuperblockInfo,
     devs: &[ThinDevice],
     salvage: bool,
+    mut mapped_cache: Option<&mut Option<Vec<u64>>>,
     out: &mut dyn MetadataVisitor,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), Error> {
@@ -188,30 +192,44 @@ pub fn emit_devices(
     let seqs: Vec<&[u64]> = trees.iter().map(|t| walker.leaves(t)).collect();
     // Salvage recounts mapped_blocks from what is readable (a first read of
     // the leaves), so rebuilt details agree with the rebuilt trees.
-    let mapped: Option<Vec<u64>> = if salvage {
+    let cached = mapped_cache
+        .as_deref()
+        .and_then(|c| c.clone())
+        .filter(|m| m.len() == devs.len());
+    let mapped: Option<Vec<u64>> = if !salvage {
+        None
+    } else if cached.is_some() {
+        cached
+    } else {
         let mut all: Vec<u64> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
         all.sort_unstable();
         all.dedup();
-        let mut nr = std::collections::HashMap::with_capacity(all.len());
-        dev.read_in_order(&all, 1024, |_, b, data| {
+        // Per leaf of `all` (sorted, distinct): its mappings inside the pool.
+        let mut nr = vec![0u32; all.len()];
+        dev.read_in_order(&all, 1024, |k, b, data| {
             if let Ok(node) = data.and_then(|d| walker.check_leaf(b, d, 8)) {
                 let inside = (0..node.nr_entries())
                     .filter(|&i| {
                         BlockTime::unpack(node.value::<u64>(i)).block < info.nr_data_blocks
                     })
                     .count();
-                nr.insert(b, inside as u64);
+                nr[k] = inside as u32;
             }
             Ok::<(), std::convert::Infallible>(())
         })
         .ok();
-        Some(
-            seqs.iter()
-                .map(|s| s.iter().map(|l| nr.get(l).copied().unwrap_or(0)).sum())
-                .collect(),
-        )
-    } else {
-        None
+        let m: Vec<u64> = seqs
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .map(|l| all.binary_search(l).map_or(0, |k| nr[k] as u64))
+                    .sum()
+            })
+            .collect();
+        if let Some(c) = mapped_cache.as_deref_mut() {
+            *c = Some(m.clone());
+        }
+        Some(m)
     };
     let plan = plan_sharing(dev.nr_blocks(), &seqs);
 

@@ -764,7 +764,15 @@ pub fn emit(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), Error> {
     let mut walker = Walker::new(dev);
-    emit_devices(&mut walker, &src.info, &src.devices, true, out, progress)
+    emit_devices(
+        &mut walker,
+        &src.info,
+        &src.devices,
+        true,
+        None,
+        out,
+        progress,
+    )
 }
 
 /// thin_repair: rebuild `input`'s metadata onto `output`.
@@ -785,8 +793,20 @@ pub fn write_repaired(
     src: &RepairSource,
     output: &BlockDevice,
 ) -> Result<BuiltPool, BuildError> {
+    // The second pass reuses the first one's recount of mapped_blocks.
+    let mut mapped = None;
     build_pool(output, Overrides::default(), false, |b, _| {
-        emit(input, src, b, &mut |_, _| {}).map_err(input_error)
+        let mut walker = Walker::new(input);
+        emit_devices(
+            &mut walker,
+            &src.info,
+            &src.devices,
+            true,
+            Some(&mut mapped),
+            b,
+            &mut |_, _| {},
+        )
+        .map_err(input_error)
     })
 }
 
