@@ -170,7 +170,7 @@ pub fn emit_devices(
     info: &SuperblockInfo,
     devs: &[ThinDevice],
     salvage: bool,
-    mut mapped_cache: Option<&mut Option<Vec<u64>>>,
+    mapped_cache: Option<&mut Option<Vec<u64>>>,
     out: &mut dyn MetadataVisitor,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), Error> {
@@ -226,7 +226,7 @@ pub fn emit_devices(
                     .sum()
             })
             .collect();
-        if let Some(c) = mapped_cache.as_deref_mut() {
+        if let Some(c) = mapped_cache {
             *c = Some(m.clone());
         }
         Some(m)
