@@ -161,7 +161,8 @@ pub fn dump(
 /// Emit the events of `devs` (their mapping trees walked from their roots).
 /// Strict: the first damaged node is an error. Salvage (`salvage`, for
 /// repair): damaged subtrees and leaves are left out, everything readable is
-/// emitted.
+/// emitted, and each device's `mapped_blocks` is recounted from what is
+/// readable (counted as the salvage reads the leaves).
 pub fn emit_devices(
     walker: &mut Walker,
     info: &SuperblockInfo,
@@ -175,10 +176,13 @@ pub fn emit_devices(
     // once). Salvage: each tree on its own, keeping the leaves that are
     // valid in that tree (damage in one tree takes nothing from another).
     let salvaged: Vec<Vec<u64>>;
-    let mut inside_counts: std::collections::HashMap<u64, u64> = Default::default();
+    // Per metadata block: the mappings inside the pool of the valid leaf
+    // there (4 bytes a block: a map costs more on a big pool).
+    let mut inside_counts: Vec<u32> = Vec::new();
     let mut trees = Vec::with_capacity(devs.len());
     if salvage {
         let roots: Vec<u64> = devs.iter().map(|d| d.root).collect();
+        inside_counts = vec![0; dev.nr_blocks() as usize];
         // Salvage recounts mapped_blocks from what is readable, so rebuilt
         // details agree with the rebuilt trees: each valid leaf's mappings
         // inside the pool, counted as salvage_leaves reads it.
@@ -186,7 +190,7 @@ pub fn emit_devices(
             let inside = (0..node.nr_entries())
                 .filter(|&i| BlockTime::unpack(node.value::<u64>(i)).block < info.nr_data_blocks)
                 .count();
-            inside_counts.insert(node.block(), inside as u64);
+            inside_counts[node.block() as usize] = inside as u32;
         });
     } else {
         salvaged = Vec::new();
@@ -225,7 +229,7 @@ pub fn emit_devices(
         seqs.iter()
             .map(|s| {
                 s.iter()
-                    .map(|l| inside_counts.get(l).copied().unwrap_or(0))
+                    .map(|&l| inside_counts.get(l as usize).map_or(0, |&n| n as u64))
                     .sum()
             })
             .collect()

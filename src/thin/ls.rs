@@ -22,7 +22,7 @@
 
 use std::io::{self, Write};
 
-use crate::pdata::btree::{Node, Walker};
+use crate::pdata::btree::Walker;
 use crate::pdata::io::BlockDevice;
 use crate::thin::device::{BlockTime, DeviceDetails};
 use crate::thin::dump::select_superblock;
@@ -186,6 +186,18 @@ pub fn list(
     })
 }
 
+/// Leaves per batch passed from the reading thread to the counting one.
+const LEAF_BATCH: usize = 256;
+
+/// Leaves read and checked, for counting.
+#[derive(Default)]
+struct LeafBatch {
+    /// Per leaf: its index in the sorted leaf list, number of mappings, last key.
+    leaves: Vec<(usize, u8, u64)>,
+    /// The data blocks the leaves map, leaf after leaf.
+    blocks: Vec<u64>,
+}
+
 /// `leaf_owner` value of a leaf reached by more than one path.
 const SHARED_LEAF: u32 = u32::MAX;
 /// `leaf_owner` value of a block no device reaches as a leaf.
@@ -224,34 +236,77 @@ fn count(
     let mut leaves = walker.take_fresh_leaves();
     leaves.sort_unstable();
     // Per leaf (in `leaves` order): number of mappings and last key.
-    let mut summary: Vec<(u8, u64)> = vec![(0, 0); leaves.len()];
+    // (Two vectors: a vector of pairs would pad each to 16 bytes.)
+    let mut summary_nr: Vec<u8> = vec![0; leaves.len()];
+    let mut summary_last: Vec<u64> = vec![0; leaves.len()];
     let mut excl_shared = vec![0u64; devs.len()];
     let mut owners = DataOwners::new(devs.len(), nr_data_blocks);
     let total = leaves.len() as u64;
     let mut done = 0u64;
     progress(0, total);
     let w: &Walker = walker;
-    dev.read_in_order(&leaves, 1024, |k, b, data| -> Result<(), Error> {
-        let node = data.and_then(|d| w.check_leaf(b, d, 8)).map_err(|e| {
-            let ctx = match leaf_owner[b as usize] {
-                o if (o as usize) < devs.len() => {
-                    format!("mapping tree of device {}", devs[o as usize].id)
+    let leaf_owner = &leaf_owner;
+    let leaves_ref = &leaves;
+    // Two threads: this one reads, checks and unpacks the leaves (in block
+    // order, in batches), the other counts their data references.
+    std::thread::scope(|scope| -> Result<(), Error> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<LeafBatch>(2);
+        // Counted batches go back to the reader to be refilled.
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<LeafBatch>();
+        let reader = scope.spawn(move || -> Result<(), Error> {
+            let mut batch = LeafBatch::default();
+            dev.read_in_order(leaves_ref, 512, |k, b, data| -> Result<(), Error> {
+                let node = data.and_then(|d| w.check_leaf(b, d, 8)).map_err(|e| {
+                    let ctx = match leaf_owner[b as usize] {
+                        o if (o as usize) < devs.len() => {
+                            format!("mapping tree of device {}", devs[o as usize].id)
+                        }
+                        _ => "mapping leaf shared by several devices".to_string(),
+                    };
+                    Error::metadata(ctx, e)
+                })?;
+                let n = node.nr_entries();
+                batch
+                    .leaves
+                    .push((k, n as u8, node.last_key().unwrap_or(0)));
+                batch
+                    .blocks
+                    .extend((0..n).map(|i| BlockTime::unpack(node.value::<u64>(i)).block));
+                if batch.leaves.len() >= LEAF_BATCH {
+                    let mut next = back_rx.try_recv().unwrap_or_default();
+                    next.leaves.clear();
+                    next.blocks.clear();
+                    // The counter stops receiving only when this thread is done.
+                    let _ = tx.send(std::mem::replace(&mut batch, next));
                 }
-                _ => "mapping leaf shared by several devices".to_string(),
-            };
-            Error::metadata(ctx, e)
-        })?;
-        summary[k] = (node.nr_entries() as u8, node.last_key().unwrap_or(0));
-        let by = match leaf_owner[b as usize] {
-            o if (o as usize) < devs.len() => Some(o as usize),
-            _ => None,
-        };
-        owners.add_leaf(&node, by, &mut excl_shared);
-        done += 1;
-        if done % 4096 == 0 {
-            progress(done, total);
+                Ok(())
+            })?;
+            let _ = tx.send(batch);
+            Ok(())
+        });
+        for batch in rx.iter() {
+            let mut at = 0usize;
+            for &(k, n, last) in &batch.leaves {
+                summary_nr[k] = n;
+                summary_last[k] = last;
+                let by = match leaf_owner[leaves_ref[k] as usize] {
+                    o if (o as usize) < devs.len() => Some(o as usize),
+                    _ => None,
+                };
+                let end = at + n as usize;
+                owners.add_leaf(&batch.blocks[at..end], by, &mut excl_shared);
+                at = end;
+                done += 1;
+                if done % 4096 == 0 {
+                    progress(done, total);
+                }
+            }
+            let _ = back_tx.send(batch);
         }
-        Ok(())
+        drop(back_tx);
+        reader
+            .join()
+            .unwrap_or_else(|_| Err(Error::Inconsistent("the leaf reader failed".into())))
     })?;
     progress(total, total);
 
@@ -267,7 +322,7 @@ fn count(
                     devs[i].id
                 )));
             };
-            let (nr, last) = summary[k];
+            let (nr, last) = (summary_nr[k], summary_last[k]);
             row.mapped += nr as u64;
             if leaf_owner[l as usize] == SHARED_LEAF {
                 row.shared += nr as u64;
@@ -342,13 +397,11 @@ impl<S: Slot> Slots<S> {
     /// anyway). A reference that makes a block referenced twice charges
     /// the first referencing device too.
     #[inline]
-    fn add_leaf(&mut self, node: &Node, by: Option<usize>, excl_shared: &mut [u64]) {
-        let n = node.nr_entries();
-        for i in 0..n {
-            self.prefetch(BlockTime::unpack(node.value::<u64>(i)).block);
+    fn add_leaf(&mut self, blocks: &[u64], by: Option<usize>, excl_shared: &mut [u64]) {
+        for &b in blocks {
+            self.prefetch(b);
         }
-        for i in 0..n {
-            let b = BlockTime::unpack(node.value::<u64>(i)).block;
+        for &b in blocks {
             // Blocks beyond the data device are never counted (as the peer).
             let Some(slot) = self.slots.get_mut(b as usize) else {
                 continue;
@@ -393,11 +446,11 @@ impl DataOwners {
         }
     }
 
-    fn add_leaf(&mut self, node: &Node, by: Option<usize>, excl_shared: &mut [u64]) {
+    fn add_leaf(&mut self, blocks: &[u64], by: Option<usize>, excl_shared: &mut [u64]) {
         match self {
-            DataOwners::U8(s) => s.add_leaf(node, by, excl_shared),
-            DataOwners::U16(s) => s.add_leaf(node, by, excl_shared),
-            DataOwners::U32(s) => s.add_leaf(node, by, excl_shared),
+            DataOwners::U8(s) => s.add_leaf(blocks, by, excl_shared),
+            DataOwners::U16(s) => s.add_leaf(blocks, by, excl_shared),
+            DataOwners::U32(s) => s.add_leaf(blocks, by, excl_shared),
         }
     }
 }

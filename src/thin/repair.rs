@@ -812,7 +812,16 @@ pub fn write_repaired(
     output: &BlockDevice,
 ) -> Result<BuiltPool, BuildError> {
     build_pool(output, Overrides::default(), false, |b, _| {
-        emit(input, src, b, &mut |_, _| {}).map_err(input_error)
+        let mut walker = Walker::new(input);
+        emit_devices(
+            &mut walker,
+            &src.info,
+            &src.devices,
+            true,
+            b,
+            &mut |_, _| {},
+        )
+        .map_err(input_error)
     })
 }
 
