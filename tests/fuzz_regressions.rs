@@ -192,3 +192,37 @@ fn write_seeds() {
         put("snap", name, &input);
     }
 }
+
+/// thin_shrink's XML path kept one bit per data block of the declared pool,
+/// allocated without a check: an XML claiming 2^62 blocks aborted the
+/// process (memory allocation failed). Now a one-line error, nothing written.
+#[test]
+fn shrink_xml_with_a_huge_pool_is_an_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let xml = dir.path().join("huge.xml");
+    std::fs::write(
+        &xml,
+        "<superblock uuid=\"\" time=\"0\" transaction=\"1\" data_block_size=\"128\" nr_data_blocks=\"4611686018427387904\">\n</superblock>\n",
+    )
+    .unwrap();
+    let data = dir.path().join("data.img");
+    std::fs::write(&data, b"").unwrap();
+    let out = dir.path().join("out.xml");
+    let r = common::run(
+        "thin_shrink",
+        &[
+            "-i",
+            xml.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--nr-blocks",
+            "10",
+        ],
+    );
+    assert_eq!(r.status.code(), Some(65), "{r:?}");
+    common::assert_one_line_error(&r, "huge nr_data_blocks");
+    assert!(String::from_utf8_lossy(&r.stderr).contains("cannot be allocated"));
+    assert!(!out.exists());
+}

@@ -152,6 +152,18 @@ impl MetadataVisitor for UsedBlocks {
     fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
         let nr = usize::try_from(sb.nr_data_blocks)
             .map_err(|_| other(format!("nr_data_blocks {} is too large", sb.nr_data_blocks)))?;
+        // One bit per data block of the pool: a size that cannot be had is
+        // an error, not an abort (an XML file can claim any size).
+        let mut probe: Vec<usize> = Vec::new();
+        probe
+            .try_reserve_exact(nr.div_ceil(usize::BITS as usize))
+            .map_err(|_| {
+                other(format!(
+                    "nr_data_blocks {nr}: the map of data blocks in use needs {} MiB of memory, which cannot be allocated",
+                    nr.div_ceil(8 << 20)
+                ))
+            })?;
+        drop(probe);
         self.used = FixedBitSet::with_capacity(nr);
         self.superblock = Some(sb.clone());
         Ok(())
