@@ -226,3 +226,33 @@ fn shrink_xml_with_a_huge_pool_is_an_error_not_an_abort() {
     assert!(String::from_utf8_lossy(&r.stderr).contains("cannot be allocated"));
     assert!(!out.exists());
 }
+
+/// thin_restore wrote mappings (and device times) later than the pool's
+/// time as they were: its own output then failed thin_check, and the kernel
+/// would take such a block for unshared after the next snapshot. The pool's
+/// time is now raised to the latest time found, with a note.
+#[test]
+fn restore_raises_the_pool_time_to_the_latest_mapping_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let xml = dir.path().join("t.xml");
+    std::fs::write(
+        &xml,
+        "<superblock uuid=\"\" time=\"2\" transaction=\"3\" version=\"2\" data_block_size=\"128\" nr_data_blocks=\"100\">\n  <device dev_id=\"1\" mapped_blocks=\"3\" transaction=\"0\" creation_time=\"0\" snap_time=\"1\">\n    <range_mapping origin_begin=\"0\" data_begin=\"10\" length=\"2\" time=\"1\"/>\n    <single_mapping origin_block=\"7\" data_block=\"20\" time=\"5\"/>\n  </device>\n</superblock>\n",
+    )
+    .unwrap();
+    let img = dir.path().join("meta.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let r = common::run(
+        "thin_restore",
+        &["-i", xml.to_str().unwrap(), "-o", img.to_str().unwrap()],
+    );
+    assert!(r.status.success(), "{r:?}");
+    assert!(String::from_utf8_lossy(&r.stderr).contains("carries time 5"));
+    let c = common::run("thin_check", &[img.to_str().unwrap()]);
+    assert!(c.status.success(), "{c:?}");
+    let d = common::run("thin_dump", &[img.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&d.stdout).starts_with("<superblock uuid=\"\" time=\"5\""));
+}
