@@ -260,7 +260,8 @@ fn assert_sound(what: &str, dev: &BlockDevice) {
 
 /// thin_check. cfg bits: 0 `-m`, 1 `--skip-mappings`, 2 `--super-block-only`,
 /// 3 `--ignore-non-fatal-errors`, 4 `--override-mapping-root` (the block of
-/// the first patch), 5 keep counts (as `--auto-repair` does).
+/// the first patch), 5 keep counts (as `--auto-repair` does). Metadata a
+/// full check passes must also dump (XML) and list (thin_ls).
 pub fn thin_check(data: &[u8]) {
     use crate::thin::check::{check, CheckOptions};
     let c = cfg(data);
@@ -280,9 +281,25 @@ pub fn thin_check(data: &[u8]) {
     };
     with_input(data, OpenMode::ReadOnlyExclusive, |dev| {
         let rep = check(dev, &opts, &mut |_, _| {});
-        let _ = rep.passed(opts.ignore_non_fatal);
         let _ = rep.space_maps_repairable(false);
         let _ = rep.metadata_free_blocks();
+        // Metadata the full check passes must dump and list.
+        let full = !(opts.skip_mappings || opts.sb_only || opts.override_mapping_root.is_some());
+        if full && rep.passed(false) {
+            use crate::thin::dump::{dump, DumpOptions, XmlWriter};
+            let d = DumpOptions {
+                metadata_snap: opts.metadata_snap.then_some(None),
+                ..Default::default()
+            };
+            let r = dump(dev, &d, &mut XmlWriter::new(io::sink()), &mut |_, _| {});
+            assert!(r.is_ok(), "thin_check passes but thin_dump fails: {r:?}");
+            let l = crate::thin::ls::list(dev, opts.metadata_snap, true, &mut |_, _| {});
+            assert!(
+                l.is_ok(),
+                "thin_check passes but thin_ls fails: {:?}",
+                l.err()
+            );
+        }
     });
 }
 
