@@ -256,3 +256,32 @@ fn restore_raises_the_pool_time_to_the_latest_mapping_time() {
     let d = common::run("thin_dump", &[img.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&d.stdout).starts_with("<superblock uuid=\"\" time=\"5\""));
 }
+
+/// The pool writer (thin_restore, thin_repair, thin_shrink --binary) made
+/// its data reference counts (2 bits per data block) before anything else:
+/// a pool size from an XML file, or from a damaged data space map root that
+/// thin_repair read, aborted the process (an 80 GB allocation). A size
+/// whose space map cannot fit on the output is now refused first.
+#[test]
+fn restore_refuses_a_pool_size_the_output_cannot_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let xml = dir.path().join("t.xml");
+    std::fs::write(
+        &xml,
+        "<superblock uuid=\"\" time=\"0\" transaction=\"1\" version=\"2\" data_block_size=\"128\" nr_data_blocks=\"1099511627776\">\n</superblock>\n",
+    )
+    .unwrap();
+    let img = dir.path().join("meta.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let r = common::run(
+        "thin_restore",
+        &["-i", xml.to_str().unwrap(), "-o", img.to_str().unwrap()],
+    );
+    assert_eq!(r.status.code(), Some(65), "{r:?}");
+    common::assert_one_line_error(&r, "huge pool");
+    assert!(String::from_utf8_lossy(&r.stderr).contains("data space map's bitmaps"));
+    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0));
+}

@@ -265,6 +265,16 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
 impl MetadataVisitor for PoolBuilder<'_, '_> {
     fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
         let nr = self.overrides.nr_data_blocks.unwrap_or(sb.nr_data_blocks);
+        // The data space map needs a bitmap block per ENTRIES_PER_BITMAP
+        // data blocks: a pool size the output cannot hold is refused before
+        // the reference counts (2 bits per data block, in memory) are made.
+        let bitmaps = nr.div_ceil(crate::pdata::space_map::ENTRIES_PER_BITMAP);
+        if bitmaps > self.w.nr_blocks() {
+            return Err(other(format!(
+                "nr_data_blocks {nr} needs {bitmaps} metadata blocks for the data space map's bitmaps alone; the output has {} blocks",
+                self.w.nr_blocks()
+            )));
+        }
         if !self.data_given {
             self.data = RefCounts::new(nr);
         }
