@@ -25,9 +25,9 @@ ALL=(thin_check thin_dump thin_repair thin_query thin_restore thin_shrink_xml th
 
 if [ "${1:-}" = "--tally" ]; then
     [ -f "$TALLY" ] || { echo "no tally at $TALLY"; exit 0; }
+    printf "%-22s %9s %12s %6s %7s %7s\n" target seconds execs cov ft crashes
     awk -F'\t' 'NR > 1 { s[$2] += $3; e[$2] += $4; if ($5 + 0 > c[$2] + 0) c[$2] = $5; if ($6 + 0 > f[$2] + 0) f[$2] = $6; k[$2] += $7 }
-        END { printf "%-22s %9s %12s %6s %7s %7s\n", "target", "seconds", "execs", "cov", "ft", "crashes";
-              for (t in s) printf "%-22s %9d %12d %6d %7d %7d\n", t, s[t], e[t], c[t], f[t], k[t] }' "$TALLY" | sort
+        END { for (t in s) printf "%-22s %9d %12d %6d %7d %7d\n", t, s[t], e[t], c[t], f[t], k[t] }' "$TALLY" | sort
     exit 0
 fi
 
