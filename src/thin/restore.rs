@@ -92,6 +92,8 @@ pub struct PoolBuilder<'a, 'd> {
     /// to it: a mapping from the future would look unshared to the kernel
     /// after the next snapshot, and be overwritten in place).
     latest_time: u64,
+    /// Defs some device refers to (a def nobody uses would leak its blocks).
+    referenced: std::collections::HashSet<String>,
     /// Take a metadata snapshot of the result (the generator's option).
     metadata_snap: bool,
     /// Data counts are given (from a dry run of the same events), not counted.
@@ -113,6 +115,7 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             dev: None,
             devices: Vec::new(),
             latest_time: 0,
+            referenced: Default::default(),
             metadata_snap: false,
             data_given: false,
         }
@@ -282,6 +285,11 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
         Ok(())
     }
     fn superblock_end(&mut self) -> io::Result<()> {
+        if let Some(name) = self.defs.keys().find(|n| !self.referenced.contains(*n)) {
+            return Err(other(format!(
+                "def \"{name}\" is not referred to by any device (its data blocks would leak)"
+            )));
+        }
         Ok(())
     }
     fn def_begin(&mut self, name: &str) -> io::Result<()> {
@@ -329,6 +337,7 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
             .get(name)
             .ok_or_else(|| other(format!("ref to undefined def \"{name}\"")))?;
         self.dev_entries += entries;
+        self.referenced.insert(name.to_string());
         for &(k, b) in leaves {
             t.push_shared_leaf(self.w, k, b).map_err(other)?;
         }
