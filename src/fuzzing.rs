@@ -180,8 +180,21 @@ impl MemFile {
         PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
     }
 
+    /// Open as the tools do. Retried while busy: under `cargo test`, a test
+    /// thread that spawns a process forks a copy of every descriptor for a
+    /// moment (until exec closes it), which holds this file's flock.
     pub fn open(&self, mode: OpenMode) -> BlockDevice {
-        BlockDevice::open(&self.path(), mode).expect("open memfd")
+        let mut tries = 0;
+        loop {
+            match BlockDevice::open(&self.path(), mode) {
+                Ok(d) => return d,
+                Err(crate::pdata::io::OpenError::Busy) if tries < 200 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => panic!("open memfd: {e}"),
+            }
+        }
     }
 
     pub fn file(&self) -> &File {
