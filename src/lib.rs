@@ -9,6 +9,8 @@
 
 pub mod cli;
 pub mod dm;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pdata;
 pub mod snapshot;
 pub mod thin;

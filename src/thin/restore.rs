@@ -88,6 +88,12 @@ pub struct PoolBuilder<'a, 'd> {
     def: Option<(String, TreeBuilder)>,
     dev: Option<(DeviceInfo, TreeBuilder)>,
     devices: Vec<(DeviceInfo, u64)>,
+    /// The latest time of a mapping or device (the pool's time is raised
+    /// to it: a mapping from the future would look unshared to the kernel
+    /// after the next snapshot, and be overwritten in place).
+    latest_time: u64,
+    /// Defs some device refers to (a def nobody uses would leak its blocks).
+    referenced: std::collections::HashSet<String>,
     /// Take a metadata snapshot of the result (the generator's option).
     metadata_snap: bool,
     /// Data counts are given (from a dry run of the same events), not counted.
@@ -111,6 +117,8 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             def: None,
             dev: None,
             devices: Vec::new(),
+            latest_time: 0,
+            referenced: Default::default(),
             metadata_snap: false,
             data_given: false,
             too_small: None,
@@ -156,6 +164,7 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             (None, None) => return Err(other("mapping outside a device or def")),
         };
         let (data_begin, time) = (m.data_begin, m.time);
+        self.latest_time = self.latest_time.max(time as u64);
         t.push_run(self.w, m.origin_begin, m.len, |i| {
             BlockTime {
                 block: data_begin + i,
@@ -179,6 +188,17 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             .sb
             .take()
             .ok_or_else(|| pdata::Error::Other("no superblock in the input".into()))?;
+        for (d, _) in &self.devices {
+            self.latest_time = self.latest_time.max(d.creation_time).max(d.snap_time);
+        }
+        let mut time = sbi.time;
+        if self.latest_time > time {
+            self.notes.push(format!(
+                "the pool's time is {time} but a mapping or device carries time {}; writing {} (a time from the future would let the kernel overwrite shared blocks)",
+                self.latest_time, self.latest_time
+            ));
+            time = self.latest_time;
+        }
         let w = &mut *self.w;
         self.devices.sort_by_key(|(d, _)| d.dev_id);
         let mut details = TreeBuilder::new(24);
@@ -202,7 +222,7 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             flags: sbi.flags,
             uuid: [0; 16],
             version: sbi.version,
-            time: sbi.time as u32,
+            time: time as u32,
             transaction_id: self.overrides.transaction_id.unwrap_or(sbi.transaction),
             metadata_snap: 0,
             data_sm_root: Superblock::sm_root_bytes(&data_sm),
@@ -270,6 +290,11 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
         Ok(())
     }
     fn superblock_end(&mut self) -> io::Result<()> {
+        if let Some(name) = self.defs.keys().find(|n| !self.referenced.contains(*n)) {
+            return Err(other(format!(
+                "def \"{name}\" is not referred to by any device (its data blocks would leak)"
+            )));
+        }
         Ok(())
     }
     fn def_begin(&mut self, name: &str) -> io::Result<()> {
@@ -317,6 +342,7 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
             .get(name)
             .ok_or_else(|| other(format!("ref to undefined def \"{name}\"")))?;
         self.dev_entries += entries;
+        self.referenced.insert(name.to_string());
         for &(k, b) in leaves {
             t.push_shared_leaf(self.w, k, b).map_err(other)?;
         }

@@ -87,7 +87,9 @@ impl<'a> Node<'a> {
                 format!("{kind} value size is {value_size}, expected {want_vs}"),
             ));
         }
-        if max == 0 || NODE_HEADER_SIZE + max * (8 + value_size) > BLOCK_SIZE {
+        if max == 0
+            || !matches!(max.checked_mul(8 + value_size), Some(b) if NODE_HEADER_SIZE + b <= BLOCK_SIZE)
+        {
             return Err(bad_header(
                 loc,
                 format!("max_entries {max} does not fit a block with {value_size}-byte values"),

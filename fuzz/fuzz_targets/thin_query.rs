@@ -1,0 +1,3 @@
+#![no_main]
+// Harness: thinmeta::fuzzing::thin_query (src/fuzzing.rs), shared with tests/fuzz_regressions.rs.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| thinmeta::fuzzing::thin_query(data));
