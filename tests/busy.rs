@@ -13,7 +13,7 @@ mod common;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use thinmeta::pdata::BLOCK_SIZE;
@@ -240,26 +240,6 @@ fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-struct Loop(String);
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-fn loop_device(img: &Path) -> Option<Loop> {
-    match Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(img)
-        .output()
-    {
-        Ok(o) if o.status.success() => Some(Loop(
-            String::from_utf8(o.stdout).unwrap().trim().to_string(),
-        )),
-        _ => None,
-    }
-}
-
 /// Hold `path`: a block device opened `O_EXCL`, a file locked `LOCK_EX`.
 fn hold(path: &str) -> std::fs::File {
     let f = std::fs::OpenOptions::new()
@@ -291,7 +271,7 @@ fn refused_while_held(t: &Templates, case: &Case, held: &str, on_loop: bool) -> 
         std::fs::copy(t.dir.join(name), d.join(name)).unwrap();
     }
     let lo = if on_loop {
-        match loop_device(&d.join(held)) {
+        match loop_device_rw(&d.join(held)) {
             Some(l) => Some(l),
             None => return false,
         }

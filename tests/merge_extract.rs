@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use sha2::{Digest, Sha256};
@@ -852,26 +852,6 @@ fn external_merge_refusals_write_nothing() {
     assert_ne!(got, fill);
 }
 
-struct Loop(String);
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-fn loop_device(img: &Path) -> Option<Loop> {
-    match Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(img)
-        .output()
-    {
-        Ok(o) if o.status.success() => Some(Loop(
-            String::from_utf8(o.stdout).unwrap().trim().to_string(),
-        )),
-        _ => None,
-    }
-}
-
 fn hold(dev: &str) -> std::fs::File {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -885,7 +865,7 @@ fn hold(dev: &str) -> std::fs::File {
 fn a_pool_or_origin_in_use_is_refused() {
     let k = small();
     let m = k.copy("busy.img");
-    let Some(dev) = loop_device(&m) else {
+    let Some(dev) = loop_device_rw(&m) else {
         eprintln!("no loop devices here: busy-device test skipped");
         return;
     };
@@ -924,7 +904,9 @@ fn a_pool_or_origin_in_use_is_refused() {
     // The origin (and the data device) held: refused too.
     let o2 = k.dir.join("origin2.img");
     std::fs::write(&o2, &fill).unwrap();
-    let Some(odev) = loop_device(&o2) else { return };
+    let Some(odev) = loop_device_rw(&o2) else {
+        return;
+    };
     {
         let _held = hold(&odev.0);
         let out = run(

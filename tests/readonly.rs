@@ -335,27 +335,6 @@ fn every_reader_works_on_read_only_files_as_an_unprivileged_user() {
         .contains("nr_data_blocks=\"256\""));
 }
 
-struct Loop(String);
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-/// `img` as a read-only loop device.
-fn ro_loop(img: &Path) -> Option<Loop> {
-    match Command::new("losetup")
-        .args(["-r", "-f", "--show"])
-        .arg(img)
-        .output()
-    {
-        Ok(o) if o.status.success() => Some(Loop(
-            String::from_utf8(o.stdout).unwrap().trim().to_string(),
-        )),
-        _ => None,
-    }
-}
-
 #[test]
 fn every_reader_works_on_read_only_loop_devices() {
     let dir = tempfile::tempdir().unwrap();
@@ -370,7 +349,7 @@ fn every_reader_works_on_read_only_loop_devices() {
         &files.cow,
         &files.origin,
     ] {
-        match ro_loop(p) {
+        match loop_device_ro(p) {
             Some(l) => loops.push(l),
             None => {
                 eprintln!("note: no loop devices here: read-only loop device test skipped");

@@ -7,7 +7,6 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use sha2::{Digest, Sha256};
@@ -370,30 +369,10 @@ fn trim_refuses_wrong_arguments_and_devices() {
     assert_trimmed(&p);
 }
 
-struct Loop(String);
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
-fn losetup(img: &Path) -> Option<Loop> {
-    match Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(img)
-        .output()
-    {
-        Ok(o) if o.status.success() => Some(Loop(
-            String::from_utf8(o.stdout).unwrap().trim().to_string(),
-        )),
-        _ => None,
-    }
-}
-
 #[test]
 fn trim_discards_on_a_loop_device() {
     let p = pool();
-    let Some(dev) = losetup(&p.data) else {
+    let Some(dev) = loop_device_rw(&p.data) else {
         eprintln!("no loop devices here: thin_trim block-device test skipped");
         return;
     };
@@ -418,7 +397,7 @@ fn trim_discards_on_a_loop_device() {
 
     // A data device held open exclusively (an active pool) is refused.
     let p = pool();
-    let Some(dev) = losetup(&p.data) else {
+    let Some(dev) = loop_device_rw(&p.data) else {
         return;
     };
     let _held = {
@@ -501,7 +480,7 @@ fn migrate_checks_its_arguments_and_source() {
         assert!(!dest.exists(), "{args:?} created the destination");
     }
     // A block device that is not a device-mapper thin device.
-    if let Some(dev) = losetup(&p.data) {
+    if let Some(dev) = loop_device_rw(&p.data) {
         let out = run(
             "thin_migrate",
             &["--source-dev", &dev.0, "--dest-file", dest_s],

@@ -71,3 +71,37 @@ pub fn assert_one_line_error(out: &Output, what: &str) {
         "{what}: exit {code}: {err}"
     );
 }
+
+/// A loop device over an image, detached when dropped.
+pub struct Loop(pub String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+fn losetup(img: &Path, extra: &[&str]) -> Option<Loop> {
+    match Command::new("losetup")
+        .args(extra)
+        .args(["-f", "--show"])
+        .arg(img)
+        .output()
+    {
+        Ok(o) if o.status.success() => Some(Loop(
+            String::from_utf8(o.stdout).unwrap().trim().to_string(),
+        )),
+        _ => None,
+    }
+}
+
+/// `img` as a writable loop device (None where loop devices are missing,
+/// or we are not root).
+pub fn loop_device_rw(img: &Path) -> Option<Loop> {
+    losetup(img, &[])
+}
+
+/// `img` as a read-only loop device (`losetup -r`).
+pub fn loop_device_ro(img: &Path) -> Option<Loop> {
+    losetup(img, &["-r"])
+}
