@@ -163,6 +163,8 @@ struct DataRefs {
     nr_future: u64,
     /// (leaf, key, time), the first [`MAX_LISTED`].
     future: Vec<(u64, u64, u32)>,
+    /// The current leaf's runs of consecutive data blocks (start, length).
+    runs: Vec<(u64, u64)>,
 }
 
 impl DataRefs {
@@ -175,18 +177,18 @@ impl DataRefs {
             beyond: Vec::new(),
             nr_future: 0,
             future: Vec::new(),
+            runs: Vec::new(),
         }
     }
 
     /// Count the mappings of leaf `b`, which [`Walker::check_leaf`] accepted.
     fn count_leaf(&mut self, b: u64, data: &[u8]) {
         let node = crate::pdata::btree::Node::validated(data);
-        // Counting is bound by memory latency (fragmented data):
-        // ask for every count of the leaf before touching any.
-        for i in 0..node.nr_entries() {
-            self.counts
-                .prefetch(BlockTime::unpack(node.value::<u64>(i)).block);
-        }
+        // Mappings come in runs of consecutive data blocks at scattered
+        // places (fragmented data): collect the runs, ask for each run's
+        // counts before touching any (memory latency), then count a run a
+        // word at a time.
+        self.runs.clear();
         for i in 0..node.nr_entries() {
             let bt = BlockTime::unpack(node.value::<u64>(i));
             if bt.block >= self.nr_data_blocks {
@@ -202,7 +204,16 @@ impl DataRefs {
                     self.future.push((b, node.key(i), bt.time));
                 }
             }
-            self.counts.inc(bt.block);
+            match self.runs.last_mut() {
+                Some((start, len)) if *start + *len == bt.block => *len += 1,
+                _ => {
+                    self.counts.prefetch(bt.block);
+                    self.runs.push((bt.block, 1));
+                }
+            }
+        }
+        for &(start, len) in &self.runs {
+            self.counts.inc_run(start, len);
         }
     }
 }

@@ -361,61 +361,33 @@ impl DiskSpaceMap {
             let mut j = 0;
             while j < n {
                 // Fast path: 32 entries at once, when the bitmap word equals
-                // the recomputed counts and holds no "3 or more".
+                // the recomputed counts (2 bits each, 3 = "3 or more"); only
+                // the "3 or more" entries are then compared one by one, with
+                // the ref-count tree (shared blocks of snapshots).
                 if j % 32 == 0 && j + 32 <= n {
                     let dw = bitmap.word(j / 32);
                     let mem = ((dw & LO) << 1) | ((dw >> 1) & LO);
                     let aw = actual.word(((base as usize) + j) / 32);
-                    if mem == aw && mem & (mem >> 1) & LO == 0 {
+                    if mem == aw {
                         let used = ((mem | (mem >> 1)) & LO).count_ones();
                         nr_allocated += used as u64;
                         free += 32 - used;
+                        let mut threes = mem & (mem >> 1) & LO;
+                        while threes != 0 {
+                            let f = threes.trailing_zeros() as u64 / 2;
+                            threes &= threes - 1;
+                            diff.compare_block(base + j as u64 + f, 3, &mut rc, actual);
+                        }
                         j += 32;
                         continue;
                     }
                 }
                 let b = base + j as u64;
                 j += 1;
-                let small = bitmap.get(j - 1);
-                let disk = if small == 3 {
-                    match rc.get(b) {
-                        Ok(c) => c.unwrap_or(0),
-                        Err(e) => {
-                            diff.errors.push(e);
-                            0
-                        }
-                    }
-                } else {
-                    small
-                };
-                if small == 3 && disk < 3 {
-                    diff.errors.push(Error::Other(format!(
-                        "block {b} is marked as counted in the ref-count tree, which holds {}",
-                        if disk == 0 {
-                            "no entry for it".to_string()
-                        } else {
-                            format!("count {disk}")
-                        }
-                    )));
-                }
-                if disk == 0 {
+                if diff.compare_block(b, bitmap.get(j - 1), &mut rc, actual) == 0 {
                     free += 1;
                 } else {
                     nr_allocated += 1;
-                }
-                let want = actual.get(b);
-                if disk != want {
-                    if want == 0 {
-                        diff.nr_leaked += 1;
-                        if diff.leaked.len() < MAX_LISTED {
-                            diff.leaked.push((b, disk));
-                        }
-                    } else {
-                        diff.nr_mismatched += 1;
-                        if diff.mismatched.len() < MAX_LISTED {
-                            diff.mismatched.push((b, disk, want));
-                        }
-                    }
                 }
             }
             // The kernel counts the unused tail of the last bitmap as free.
@@ -437,6 +409,56 @@ impl DiskSpaceMap {
             ));
         }
         diff
+    }
+}
+
+impl SmDiff {
+    /// Compare block `b`'s on-disk count (its 2-bit bitmap entry `small`,
+    /// 3 = look in the ref-count tree) with the references found. Returns
+    /// the on-disk count.
+    fn compare_block(
+        &mut self,
+        b: u64,
+        small: u32,
+        rc: &mut RefCountCursor,
+        actual: &RefCounts,
+    ) -> u32 {
+        let disk = if small == 3 {
+            match rc.get(b) {
+                Ok(c) => c.unwrap_or(0),
+                Err(e) => {
+                    self.errors.push(e);
+                    0
+                }
+            }
+        } else {
+            small
+        };
+        if small == 3 && disk < 3 {
+            self.errors.push(Error::Other(format!(
+                "block {b} is marked as counted in the ref-count tree, which holds {}",
+                if disk == 0 {
+                    "no entry for it".to_string()
+                } else {
+                    format!("count {disk}")
+                }
+            )));
+        }
+        let want = actual.get(b);
+        if disk != want {
+            if want == 0 {
+                self.nr_leaked += 1;
+                if self.leaked.len() < MAX_LISTED {
+                    self.leaked.push((b, disk));
+                }
+            } else {
+                self.nr_mismatched += 1;
+                if self.mismatched.len() < MAX_LISTED {
+                    self.mismatched.push((b, disk, want));
+                }
+            }
+        }
+        disk
     }
 }
 
@@ -505,6 +527,46 @@ pub fn parse_metadata_index(loc: u64, data: &[u8], want: usize) -> Result<Vec<In
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The comparison takes 32 entries a word at a time where the bitmap
+    /// and the found counts agree; a count of "3 or more" in such a word is
+    /// still compared exactly, through the ref-count tree.
+    #[test]
+    fn counts_of_three_or_more_are_compared_exactly() {
+        use crate::pdata::io::OpenMode;
+        use crate::pdata::writer::BlockWriter;
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(64 * BLOCK_SIZE as u64).unwrap();
+        let dev = BlockDevice::open(f.path(), OpenMode::ReadWriteExclusive).unwrap();
+        let nr = 3 * 32 + 5;
+        let mut on_disk = RefCounts::new(nr);
+        for (b, n) in [(0, 1), (1, 5), (2, 3), (3, 2), (40, 17), (41, 1), (99, 4)] {
+            on_disk.set(b, n);
+        }
+        let mut w = BlockWriter::new(&dev, 64, None);
+        let root = crate::pdata::space_map::write::write_data_sm(&mut w, &on_disk).unwrap();
+        w.flush().unwrap();
+        let mut walker = Walker::new(&dev);
+        let (sm, errs) = DiskSpaceMap::load_data(&mut walker, root);
+        assert!(errs.is_empty(), "{errs:?}");
+
+        let same = sm.compare(&dev, &on_disk);
+        assert_eq!((same.nr_leaked, same.nr_mismatched), (0, 0));
+        assert!(
+            same.errors.is_empty() && same.warnings.is_empty(),
+            "{same:?}"
+        );
+
+        // Each 2-bit word still agrees (3 = "3 or more" on both sides).
+        let mut found = on_disk.clone();
+        found.set(1, 4);
+        found.set(40, 16);
+        found.set(99, 3);
+        let d = sm.compare(&dev, &found);
+        assert_eq!(d.nr_mismatched, 3, "{d:?}");
+        assert_eq!(d.mismatched, vec![(1, 5, 4), (40, 17, 16), (99, 4, 3)]);
+        assert_eq!(d.nr_leaked, 0);
+    }
 
     #[test]
     fn bitmap_entries_decode_with_the_even_bit_high() {
