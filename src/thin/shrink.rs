@@ -271,21 +271,6 @@ impl MetadataVisitor for UsedBlocks {
         self.superblock = Some(sb.clone());
         Ok(())
     }
-    fn superblock_end(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn def_begin(&mut self, _name: &str) -> io::Result<()> {
-        Ok(())
-    }
-    fn def_end(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn device_begin(&mut self, _d: &DeviceInfo) -> io::Result<()> {
-        Ok(())
-    }
-    fn device_end(&mut self) -> io::Result<()> {
-        Ok(())
-    }
     fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
         let nr = self.superblock.as_ref().map_or(0, |sb| sb.nr_data_blocks);
         if m.data_begin >= nr || m.len > nr - m.data_begin {
@@ -298,6 +283,7 @@ impl MetadataVisitor for UsedBlocks {
         Ok(())
     }
     fn reference(&mut self, _name: &str) -> io::Result<()> {
+        // The shared run's data blocks were marked when its def was read.
         Ok(())
     }
     fn finish(&mut self) -> io::Result<()> {
@@ -689,21 +675,6 @@ mod tests {
     impl MetadataVisitor for Maps {
         fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
             self.1 = Some(sb.clone());
-            Ok(())
-        }
-        fn superblock_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_begin(&mut self, _: &str) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn device_begin(&mut self, _: &DeviceInfo) -> io::Result<()> {
-            Ok(())
-        }
-        fn device_end(&mut self) -> io::Result<()> {
             Ok(())
         }
         fn mapping(&mut self, m: &Mapping) -> io::Result<()> {

@@ -1791,24 +1791,6 @@ mod tests {
     struct FailOn(u64);
 
     impl MetadataVisitor for FailOn {
-        fn superblock_begin(&mut self, _: &SuperblockInfo) -> io::Result<()> {
-            Ok(())
-        }
-        fn superblock_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_begin(&mut self, _: &str) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn device_begin(&mut self, _: &DeviceInfo) -> io::Result<()> {
-            Ok(())
-        }
-        fn device_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
         fn mapping(&mut self, _: &Mapping) -> io::Result<()> {
             self.0 -= 1;
             if self.0 == 0 {
@@ -1949,24 +1931,6 @@ mod tests {
     struct Nothing;
 
     impl MetadataVisitor for Nothing {
-        fn superblock_begin(&mut self, _: &SuperblockInfo) -> io::Result<()> {
-            Ok(())
-        }
-        fn superblock_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_begin(&mut self, _: &str) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn device_begin(&mut self, _: &DeviceInfo) -> io::Result<()> {
-            Ok(())
-        }
-        fn device_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
         fn mapping(&mut self, _: &Mapping) -> io::Result<()> {
             Ok(())
         }
