@@ -460,11 +460,9 @@ pub fn thin_shrink_xml(data: &[u8]) {
         return;
     };
     let new = (sb.nr_data_blocks / 2).min(data.first().copied().unwrap_or(0) as u64 * 4 + 1);
-    used.used.normalize();
-    let Ok(p) = plan(&used.used, sb.nr_data_blocks, new) else {
+    let Ok(p) = plan(&used.used.normalize(), sb.nr_data_blocks, new) else {
         return;
     };
-    drop(used);
     let mut w = XmlWriter::new(io::sink());
     let mut remap = Remap::new(&p, &mut w);
     if read_xml(data, &mut remap).is_ok() {

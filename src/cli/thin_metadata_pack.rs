@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::BufWriter;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Arg, ArgAction, Command};
 
@@ -13,6 +13,26 @@ use super::*;
 use crate::pdata::pack::{pack_device, PackWriteError};
 
 fn command(name: &'static str) -> Command {
+    pack_command(
+        name,
+        "Produces a compressed file of thin metadata.  Only packs metadata blocks that are actually used.",
+        ("DEV", "Specify thinp metadata binary device/file"),
+        ("FILE", "Specify packed output file"),
+    )
+}
+
+pub fn main(name: &'static str, args: Vec<OsString>) -> i32 {
+    run_tool(name, args, command(name), run)
+}
+
+/// The command line both pack tools take: `-i`, `-o` (each a required path
+/// given as its value name and help), `-f`, `-q`, `-V`.
+pub(super) fn pack_command(
+    name: &'static str,
+    about: &'static str,
+    (in_value, in_help): (&'static str, &'static str),
+    (out_value, out_help): (&'static str, &'static str),
+) -> Command {
     let path = |id: &'static str, short: char, value: &'static str, help: &'static str| {
         Arg::new(id)
             .short(short)
@@ -23,9 +43,7 @@ fn command(name: &'static str) -> Command {
             .help(help)
     };
     Command::new(name)
-        .about(
-            "Produces a compressed file of thin metadata.  Only packs metadata blocks that are actually used.",
-        )
+        .about(about)
         .disable_version_flag(true)
         .arg(
             Arg::new("force")
@@ -34,34 +52,49 @@ fn command(name: &'static str) -> Command {
                 .action(ArgAction::SetTrue)
                 .help("Force overwrite the output file"),
         )
-        .arg(path(
-            "input",
-            'i',
-            "DEV",
-            "Specify thinp metadata binary device/file",
-        ))
-        .arg(path("output", 'o', "FILE", "Specify packed output file"))
+        .arg(path("input", 'i', in_value, in_help))
+        .arg(path("output", 'o', out_value, out_help))
         .arg(quiet_arg())
         .arg(version_arg())
 }
 
-pub fn main(name: &'static str, args: Vec<OsString>) -> i32 {
-    run_tool(name, args, command(name), run)
+/// The arguments of [`pack_command`].
+pub(super) struct PackArgs<'a> {
+    pub input: &'a Path,
+    pub output: &'a Path,
+    pub quiet: bool,
 }
 
-fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
+/// The arguments of [`pack_command`], refusing an output that is the input
+/// itself (`elsewhere`: where the output should go instead).
+pub(super) fn pack_args<'a>(
+    m: &'a clap::ArgMatches,
+    elsewhere: &str,
+) -> Result<PackArgs<'a>, Failure> {
     let input = m.get_one::<PathBuf>("input").unwrap();
     let output = m.get_one::<PathBuf>("output").unwrap();
-    let quiet = m.get_flag("quiet");
     if crate::pdata::io::same_file(input, output) {
         return Err(Failure::new(
             EXIT_USAGE,
             format!(
-                "{}: the output is the input itself; the pack goes to another file",
+                "{}: the output is the input itself; {elsewhere}",
                 output.display()
             ),
         ));
     }
+    Ok(PackArgs {
+        input,
+        output,
+        quiet: m.get_flag("quiet"),
+    })
+}
+
+fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
+    let PackArgs {
+        input,
+        output,
+        quiet,
+    } = pack_args(m, "the pack goes to another file")?;
     // Exclusive: a block device a live pool holds open is refused.
     let dev = open_device(input, OpenMode::ReadOnlyExclusive)?;
     let existed = output.exists();

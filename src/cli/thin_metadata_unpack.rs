@@ -2,45 +2,23 @@
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use clap::{Arg, ArgAction, Command};
+use clap::Command;
 
 use super::progress::Progress;
-use super::thin_metadata_pack::create_failure;
+use super::thin_metadata_pack::{create_failure, pack_args, pack_command, PackArgs};
 use super::*;
 use crate::pdata::io::open_raw;
 use crate::pdata::pack::{validate, write_image, PackError, UnpackError};
 
 fn command(name: &'static str) -> Command {
-    let path = |id: &'static str, short: char, value: &'static str, help: &'static str| {
-        Arg::new(id)
-            .short(short)
-            .long(id)
-            .value_name(value)
-            .required(true)
-            .value_parser(clap::value_parser!(PathBuf))
-            .help(help)
-    };
-    Command::new(name)
-        .about("Unpack a compressed file of thin metadata.")
-        .disable_version_flag(true)
-        .arg(
-            Arg::new("force")
-                .short('f')
-                .long("force")
-                .action(ArgAction::SetTrue)
-                .help("Force overwrite the output file"),
-        )
-        .arg(path("input", 'i', "FILE", "Specify packed input file"))
-        .arg(path(
-            "output",
-            'o',
-            "DEV",
-            "Specify thinp metadata binary device/file",
-        ))
-        .arg(quiet_arg())
-        .arg(version_arg())
+    pack_command(
+        name,
+        "Unpack a compressed file of thin metadata.",
+        ("FILE", "Specify packed input file"),
+        ("DEV", "Specify thinp metadata binary device/file"),
+    )
 }
 
 pub fn main(name: &'static str, args: Vec<OsString>) -> i32 {
@@ -53,18 +31,11 @@ fn pack_failure(input: &Path, e: PackError) -> Failure {
 }
 
 fn run(m: &clap::ArgMatches) -> Result<(), Failure> {
-    let input = m.get_one::<PathBuf>("input").unwrap();
-    let output = m.get_one::<PathBuf>("output").unwrap();
-    let quiet = m.get_flag("quiet");
-    if crate::pdata::io::same_file(input, output) {
-        return Err(Failure::new(
-            EXIT_USAGE,
-            format!(
-                "{}: the output is the input itself; unpack to another file or device",
-                output.display()
-            ),
-        ));
-    }
+    let PackArgs {
+        input,
+        output,
+        quiet,
+    } = pack_args(m, "unpack to another file or device")?;
     // A pipe or a gzip-compressed pack is read into a temporary file.
     let pack = open_raw(input, OpenMode::ReadOnlyExclusive).map_err(|e| open_failure(input, e))?;
 

@@ -124,10 +124,9 @@ fn shrink_failure(a: &Args, e: ShrinkError) -> Failure {
 }
 
 /// The plan for the pool `used` describes, with its messages.
-fn make_plan(a: &Args, used: &mut UsedBlocks) -> Result<Plan, Failure> {
+fn make_plan(a: &Args, used: UsedBlocks) -> Result<Plan, Failure> {
     let old = used.superblock.as_ref().map_or(0, |sb| sb.nr_data_blocks);
-    used.used.normalize();
-    plan(&used.used, old, a.nr_blocks).map_err(|e| shrink_failure(a, e))
+    plan(&used.used.normalize(), old, a.nr_blocks).map_err(|e| shrink_failure(a, e))
 }
 
 /// The data device, opened for the copy (None with --no-copy: it is not touched).
@@ -226,8 +225,7 @@ fn run_xml(a: &Args) -> Result<(), Failure> {
             format!("{}: no superblock in the XML", a.input.display()),
         ));
     };
-    let plan = make_plan(a, &mut used)?;
-    drop(used);
+    let plan = make_plan(a, used)?;
     let bb = block_bytes(sb.data_block_size);
     let data = open_data(a, &plan, bb)?;
     let out = File::create(a.output).map_err(|e| io_failure(a.output, e))?;
@@ -300,8 +298,7 @@ fn run_binary(a: &Args) -> Result<(), Failure> {
         dump(&src, &opts, &mut used, &mut |d, t| progress.update(d, t))
             .map_err(|e| thin_failure(a.input, &e))?;
     }
-    let plan = make_plan(a, &mut used)?;
-    drop(used);
+    let plan = make_plan(a, used)?;
     let bb = block_bytes(sb.data_block_size);
     let data = open_data(a, &plan, bb)?;
     let dst = open_device(a.output, OpenMode::ReadWriteExclusive)?;

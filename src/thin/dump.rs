@@ -45,16 +45,41 @@ pub struct Mapping {
     pub time: u32,
 }
 
-/// The event stream of a dump.
+/// The event stream of a dump: `superblock_begin`, then shared runs
+/// (`def_begin`, mappings, `def_end`) and devices (`device_begin`, mappings
+/// and references to shared runs by name, `device_end`), `superblock_end`,
+/// `finish`.
+///
+/// The brackets default to doing nothing, for visitors that only gather
+/// mappings. `mapping`, `reference` and `finish` have no default, so every
+/// visitor decides about them: a visitor that dropped `mapping` or
+/// `reference` would lose a device's mappings (silently for `reference`,
+/// which only shared runs produce), and one that buffers or forwards
+/// events and dropped `finish` would lose its tail. A visitor that forwards
+/// events (a filter between a reader and a writer) must forward every
+/// method, the brackets included.
 pub trait MetadataVisitor {
-    fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()>;
-    fn superblock_end(&mut self) -> io::Result<()>;
+    fn superblock_begin(&mut self, _sb: &SuperblockInfo) -> io::Result<()> {
+        Ok(())
+    }
+    fn superblock_end(&mut self) -> io::Result<()> {
+        Ok(())
+    }
     /// A shared run of mappings, referenced by devices by name.
-    fn def_begin(&mut self, name: &str) -> io::Result<()>;
-    fn def_end(&mut self) -> io::Result<()>;
-    fn device_begin(&mut self, d: &DeviceInfo) -> io::Result<()>;
-    fn device_end(&mut self) -> io::Result<()>;
+    fn def_begin(&mut self, _name: &str) -> io::Result<()> {
+        Ok(())
+    }
+    fn def_end(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+    fn device_begin(&mut self, _d: &DeviceInfo) -> io::Result<()> {
+        Ok(())
+    }
+    fn device_end(&mut self) -> io::Result<()> {
+        Ok(())
+    }
     fn mapping(&mut self, m: &Mapping) -> io::Result<()>;
+    /// The current device maps the shared run `name` (defined before).
     fn reference(&mut self, name: &str) -> io::Result<()>;
     fn finish(&mut self) -> io::Result<()>;
     /// A hint: `m` will be visited soon (a visitor may start loading what it
@@ -802,9 +827,6 @@ pub(crate) mod testutil {
     impl MetadataVisitor for Collect {
         fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
             self.sb = Some(sb.clone());
-            Ok(())
-        }
-        fn superblock_end(&mut self) -> io::Result<()> {
             Ok(())
         }
         fn def_begin(&mut self, name: &str) -> io::Result<()> {

@@ -90,10 +90,12 @@ pub enum ShrinkError {
     Data(String),
 }
 
-/// Data blocks in use, as sorted runs `[begin, end)`. Memory grows with the
-/// mappings read (consecutive mappings share a run), never with a block
-/// count the input merely claims: a pool that says it has 10^14 data blocks
-/// costs nothing until mappings use them.
+/// Data blocks in use, gathered as runs `[begin, end)` in any order
+/// (overlapping where blocks are shared). Memory grows with the mappings read
+/// (consecutive mappings share a run), never with a block count the input
+/// merely claims: a pool that says it has 10^14 data blocks costs nothing
+/// until mappings use them. [`UsedRuns::normalize`] turns it into the
+/// sorted [`NormalizedRuns`] that [`plan`] takes.
 #[derive(Debug, Clone, Default)]
 pub struct UsedRuns {
     runs: Vec<(u64, u64)>,
@@ -115,13 +117,13 @@ impl UsedRuns {
         }
         self.runs.push((begin, end));
         if self.runs.len() >= 2 * self.sorted.max(4096) {
-            self.normalize();
+            self.compact();
         }
     }
 
     /// Sort and join the runs (runs inserted out of order, overlapping
-    /// ones from shared blocks).
-    pub fn normalize(&mut self) {
+    /// ones from shared blocks) in place.
+    fn compact(&mut self) {
         if self.sorted == self.runs.len() {
             return;
         }
@@ -140,23 +142,42 @@ impl UsedRuns {
         self.sorted = out;
     }
 
-    /// The runs, sorted and disjoint (after [`UsedRuns::normalize`]).
-    pub fn runs(&self) -> &[(u64, u64)] {
-        debug_assert_eq!(self.sorted, self.runs.len());
-        &self.runs
-    }
-
-    /// Data blocks in use (after [`UsedRuns::normalize`]).
-    pub fn count(&self) -> u64 {
-        self.runs().iter().map(|r| r.1 - r.0).sum()
+    /// The runs sorted, disjoint and joined: the only way to get a
+    /// [`NormalizedRuns`].
+    pub fn normalize(mut self) -> NormalizedRuns {
+        self.compact();
+        NormalizedRuns { runs: self.runs }
     }
 }
 
-/// Plan moving the blocks of `used` (normalized; data blocks of a pool of
+/// Data blocks in use as sorted, disjoint, non-adjacent runs `[begin, end)`;
+/// made only by [`UsedRuns::normalize`], so a plan never sees unsorted runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NormalizedRuns {
+    runs: Vec<(u64, u64)>,
+}
+
+impl NormalizedRuns {
+    /// The runs, sorted and disjoint.
+    pub fn runs(&self) -> &[(u64, u64)] {
+        &self.runs
+    }
+
+    /// Data blocks in use.
+    pub fn count(&self) -> u64 {
+        self.runs.iter().map(|r| r.1 - r.0).sum()
+    }
+}
+
+/// Plan moving the blocks of `used` (data blocks of a pool of
 /// `old_nr_blocks`) at or above `new_nr_blocks` down to the lowest free
 /// blocks below it, in order (runs stay runs where the free space allows).
 /// Work and memory grow with the number of runs, not with the pool's size.
-pub fn plan(used: &UsedRuns, old_nr_blocks: u64, new_nr_blocks: u64) -> Result<Plan, ShrinkError> {
+pub fn plan(
+    used: &NormalizedRuns,
+    old_nr_blocks: u64,
+    new_nr_blocks: u64,
+) -> Result<Plan, ShrinkError> {
     let old = old_nr_blocks;
     if new_nr_blocks > old {
         return Err(ShrinkError::Grow {
@@ -250,21 +271,6 @@ impl MetadataVisitor for UsedBlocks {
         self.superblock = Some(sb.clone());
         Ok(())
     }
-    fn superblock_end(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn def_begin(&mut self, _name: &str) -> io::Result<()> {
-        Ok(())
-    }
-    fn def_end(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-    fn device_begin(&mut self, _d: &DeviceInfo) -> io::Result<()> {
-        Ok(())
-    }
-    fn device_end(&mut self) -> io::Result<()> {
-        Ok(())
-    }
     fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
         let nr = self.superblock.as_ref().map_or(0, |sb| sb.nr_data_blocks);
         if m.data_begin >= nr || m.len > nr - m.data_begin {
@@ -277,6 +283,7 @@ impl MetadataVisitor for UsedBlocks {
         Ok(())
     }
     fn reference(&mut self, _name: &str) -> io::Result<()> {
+        // The shared run's data blocks were marked when its def was read.
         Ok(())
     }
     fn finish(&mut self) -> io::Result<()> {
@@ -467,13 +474,12 @@ pub fn check_data_size(
 mod tests {
     use super::*;
 
-    fn used(blocks: &[u64]) -> UsedRuns {
+    fn used(blocks: &[u64]) -> NormalizedRuns {
         let mut s = UsedRuns::default();
         for &b in blocks {
             s.insert(b, b + 1);
         }
-        s.normalize();
-        s
+        s.normalize()
     }
 
     #[test]
@@ -555,7 +561,7 @@ mod tests {
                     .iter_mut()
                     .for_each(|x| *x = true);
             }
-            u.normalize();
+            let u = u.normalize();
             let new = rnd(nr as u64 + 1) as usize;
             let by_runs = plan(&u, nr as u64, new as u64);
             match plan_by_blocks(&bits, new) {
@@ -580,7 +586,7 @@ mod tests {
         u.insert(0, 5);
         u.insert(90_000_000_000_000, 90_000_000_000_003);
         u.insert(3, 7); // overlapping, out of order
-        u.normalize();
+        let u = u.normalize();
         assert_eq!(
             u.runs(),
             &[(0, 7), (90_000_000_000_000, 90_000_000_000_003)]
@@ -597,10 +603,70 @@ mod tests {
         // One run of 10^13 blocks moves as one run, without a step per block.
         let mut u = UsedRuns::default();
         u.insert(60_000_000_000_000, 70_000_000_000_000);
-        u.normalize();
+        let u = u.normalize();
         let p = plan(&u, 100_000_000_000_000, 50_000_000_000_000).unwrap();
         assert_eq!(p.moved_blocks(), 10_000_000_000_000);
         assert_eq!(p.moves.len(), 1);
+    }
+
+    #[test]
+    fn unsorted_and_overlapping_runs_plan_as_sorted_ones() {
+        // The same blocks, inserted sorted and disjoint, and inserted out of
+        // order with overlaps and duplicates (as shared leaves give them).
+        let sorted = [(0, 3), (5, 6), (40, 44), (60, 70), (95, 99)];
+        let mut a = UsedRuns::default();
+        for &(b, e) in &sorted {
+            a.insert(b, e);
+        }
+        let mut b = UsedRuns::default();
+        for &(s, e) in &[
+            (95, 97),
+            (60, 65),
+            (41, 44),
+            (0, 2),
+            (96, 99),
+            (5, 6),
+            (63, 70),
+            (40, 42),
+            (1, 3),
+            (60, 61),
+            (95, 99),
+        ] {
+            b.insert(s, e);
+        }
+        let (a, b) = (a.normalize(), b.normalize());
+        assert_eq!(a.runs(), &sorted);
+        assert_eq!(b, a);
+        assert_eq!(b.count(), 3 + 1 + 4 + 10 + 4);
+        for new in [30, 50, 70, 100] {
+            assert_eq!(plan(&b, 100, new).unwrap(), plan(&a, 100, new).unwrap());
+        }
+        let p = plan(&b, 100, 30).unwrap();
+        assert_eq!(p.used_blocks, 22);
+        assert_eq!(p.moved_blocks(), 18);
+        assert_eq!(
+            p.moves.first(),
+            Some(&Move {
+                from: 40,
+                to: 3,
+                len: 2
+            })
+        );
+        assert!(matches!(
+            plan(&b, 100, 20),
+            Err(ShrinkError::Insufficient { used: 22, .. })
+        ));
+
+        // Past the in-place compaction threshold, runs still come out sorted.
+        let mut c = UsedRuns::default();
+        for i in (0..10_000u64).rev() {
+            c.insert(2 * i, 2 * i + 1);
+            c.insert(2 * i, 2 * i + 1);
+        }
+        let c = c.normalize();
+        assert_eq!(c.runs().len(), 10_000);
+        assert!(c.runs().windows(2).all(|w| w[0].1 < w[1].0));
+        assert_eq!(c.count(), 10_000);
     }
 
     /// Collects mappings per device.
@@ -609,21 +675,6 @@ mod tests {
     impl MetadataVisitor for Maps {
         fn superblock_begin(&mut self, sb: &SuperblockInfo) -> io::Result<()> {
             self.1 = Some(sb.clone());
-            Ok(())
-        }
-        fn superblock_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_begin(&mut self, _: &str) -> io::Result<()> {
-            Ok(())
-        }
-        fn def_end(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn device_begin(&mut self, _: &DeviceInfo) -> io::Result<()> {
-            Ok(())
-        }
-        fn device_end(&mut self) -> io::Result<()> {
             Ok(())
         }
         fn mapping(&mut self, m: &Mapping) -> io::Result<()> {

@@ -101,6 +101,27 @@ impl<'d> Walker<'d> {
         }
     }
 
+    /// Forget every walk, as a new walker would, but keep the allocations:
+    /// the per-block leaf ranges are cleared only where a walk set them (a
+    /// range is only ever set on a block marked seen), so a walker reused
+    /// for many trees does not pay for a zeroed array per tree.
+    fn reset(&mut self) {
+        if !self.leaf_bounds.is_empty() {
+            for b in self.seen.ones() {
+                self.leaf_bounds[b] = (0, 0);
+            }
+        }
+        self.seen.clear();
+        self.internal.clear();
+        self.broken.clear();
+        self.arena.clear();
+        self.fresh.clear();
+        if self.refs.is_some() {
+            self.refs = Some(RefCounts::new(self.dev.nr_blocks()));
+        }
+        self.issues.clear();
+    }
+
     /// Also count metadata references (for checking the metadata space map).
     pub fn with_ref_counts(mut self) -> Self {
         self.refs = Some(RefCounts::new(self.dev.nr_blocks()));
@@ -493,8 +514,11 @@ pub fn salvage_leaves(
 ) -> Vec<Vec<u64>> {
     type Bounded = Vec<(u64, (u64, u64))>;
     let mut trees: Vec<Bounded> = Vec::with_capacity(roots.len());
+    // One walker, reset between trees: each tree is still walked as by a
+    // walker of its own.
+    let mut w = Walker::new(dev);
     for &root in roots {
-        let mut w = Walker::new(dev);
+        w.reset();
         let t = w.walk(root, value_size);
         trees.push(w.leaves(&t).iter().map(|&l| (l, w.leaf_range(l))).collect());
     }
@@ -576,5 +600,99 @@ impl<'d> Walker<'d> {
         })
         .ok();
         MapRead { entries, issues }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::super::node::testutil::build;
+    use super::*;
+    use crate::pdata::io::OpenMode;
+
+    fn leaf(loc: u64, keys: &[u64]) -> Vec<u8> {
+        let vals: Vec<[u8; 8]> = keys.iter().map(|k| (k + 1000).to_le_bytes()).collect();
+        let refs: Vec<&[u8]> = vals.iter().map(|v| &v[..]).collect();
+        build(loc, true, keys, &refs, 8)
+    }
+
+    fn internal(loc: u64, keys: &[u64], children: &[u64]) -> Vec<u8> {
+        let vals: Vec<[u8; 8]> = children.iter().map(|c| c.to_le_bytes()).collect();
+        let refs: Vec<&[u8]> = vals.iter().map(|v| &v[..]).collect();
+        build(loc, false, keys, &refs, 8)
+    }
+
+    /// Tree A (root 1): leaves 2 (keys 0, 1) and 3 (keys 100, 101).
+    /// Tree B (root 4), damaged: leaves 5 (keys 0, 1), 3 (a pointer into
+    /// tree A, for keys 50..60 where leaf 3 holds 100, 101) and 6 (keys 60, 61).
+    fn two_trees() -> tempfile::NamedTempFile {
+        let blocks = [
+            vec![0u8; BLOCK_SIZE],
+            internal(1, &[0, 100], &[2, 3]),
+            leaf(2, &[0, 1]),
+            leaf(3, &[100, 101]),
+            internal(4, &[0, 50, 60], &[5, 3, 6]),
+            leaf(5, &[0, 1]),
+            leaf(6, &[60, 61]),
+            vec![0u8; BLOCK_SIZE],
+        ];
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        for b in &blocks {
+            f.write_all(b).unwrap();
+        }
+        f.flush().unwrap();
+        f
+    }
+
+    #[test]
+    fn salvage_keeps_each_trees_leaves_in_any_order() {
+        let f = two_trees();
+        let dev = BlockDevice::open(f.path(), OpenMode::ReadOnly).unwrap();
+        let a: Vec<u64> = vec![2, 3];
+        let b: Vec<u64> = vec![5, 6];
+        // The damaged tree never takes leaf 3 away from the sound one, walked
+        // before or after it, and a tree walked twice gives the same leaves.
+        assert_eq!(
+            salvage_leaves(&dev, &[1, 4], 8, |_| {}),
+            [a.clone(), b.clone()]
+        );
+        assert_eq!(
+            salvage_leaves(&dev, &[4, 1], 8, |_| {}),
+            [b.clone(), a.clone()]
+        );
+        assert_eq!(
+            salvage_leaves(&dev, &[1, 4, 1, 4], 8, |_| {}),
+            [a.clone(), b.clone(), a.clone(), b]
+        );
+    }
+
+    #[test]
+    fn a_reset_walker_walks_as_a_new_one() {
+        let f = two_trees();
+        let dev = BlockDevice::open(f.path(), OpenMode::ReadOnly).unwrap();
+        let state = |w: &Walker, t: &TreeLeaves| {
+            let ranges: Vec<(u64, u64)> = (0..8).map(|b| w.leaf_range(b)).collect();
+            let seen: Vec<bool> = (0..8).map(|b| w.is_seen(b)).collect();
+            let issues: Vec<String> = w.issues.iter().map(|i| i.error.to_string()).collect();
+            (w.leaves(t).to_vec(), ranges, seen, issues, w.fresh.clone())
+        };
+        for (first, second) in [(1, 4), (4, 1), (4, 4)] {
+            let mut fresh = Walker::new(&dev);
+            let t = fresh.walk(second, 8);
+            let want = state(&fresh, &t);
+
+            let mut w = Walker::new(&dev);
+            w.walk(first, 8);
+            w.reset();
+            let t = w.walk(second, 8);
+            assert_eq!(state(&w, &t), want, "{first} then {second}");
+        }
+        // Without the reset, the second walk would see the first one's leaf 3.
+        let mut w = Walker::new(&dev);
+        w.walk(4, 8);
+        let t = w.walk(1, 8);
+        assert_ne!(w.leaf_range(3), (100, u64::MAX));
+        assert_eq!(w.leaves(&t), &[2, 3]);
     }
 }
