@@ -714,7 +714,7 @@ fn thin_repair() {
 /// `data_leaks` (free blocks) as used, and the flags `flags`.
 fn leaky(dir: &Path, name: &str, meta_leaks: &[u64], data_leaks: &[u64], flags: u32) -> PathBuf {
     let p = kernel_meta(dir, name);
-    let dev = BlockDevice::open(&p, OpenMode::ReadWriteExclusive).unwrap();
+    let dev = retry_busy(|| BlockDevice::open(&p, OpenMode::ReadWriteExclusive)).unwrap();
     let opts = CheckOptions {
         keep_counts: true,
         ..Default::default()

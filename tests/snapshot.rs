@@ -406,8 +406,8 @@ fn every_interruption(origin: &[u8], cow: &[u8], verify: impl Fn(&[u8], &[u8])) 
         ..Options::default()
     };
     let run_lib = |budget: Option<u64>| {
-        let o = Device::open(&p.origin, Access::WriteExclusive).unwrap();
-        let c = Device::open(&p.cow, Access::WriteExclusive).unwrap();
+        let o = retry_busy(|| Device::open(&p.origin, Access::WriteExclusive)).unwrap();
+        let c = retry_busy(|| Device::open(&p.cow, Access::WriteExclusive)).unwrap();
         let opts = Options {
             fail_after_writes: budget,
             ..opts.clone()

@@ -105,3 +105,22 @@ pub fn loop_device_rw(img: &Path) -> Option<Loop> {
 pub fn loop_device_ro(img: &Path) -> Option<Loop> {
     losetup(img, &["-r"])
 }
+
+/// Run `open` until it stops failing with `Busy`, for up to two seconds.
+/// A child process another test thread forks inherits this process's file
+/// descriptors until it execs, and with them the advisory `flock` an
+/// exclusive open holds: reopening the same image right after closing it can
+/// see that lock for the few microseconds before the child's exec.
+pub fn retry_busy<T>(
+    mut open: impl FnMut() -> Result<T, thinmeta::pdata::io::OpenError>,
+) -> Result<T, thinmeta::pdata::io::OpenError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match open() {
+            Err(thinmeta::pdata::io::OpenError::Busy) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            r => return r,
+        }
+    }
+}
