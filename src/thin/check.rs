@@ -475,10 +475,22 @@ pub fn check(
     }
 
     // Mapped block counts per device, and device times.
+    let damaged: HashSet<u64> = leaf_errors.iter().map(|(b, _)| *b).collect();
     for w in &walks {
         let seq = walker.leaves(&w.leaves);
-        if seq.iter().any(|&l| nr_entries[l as usize] == u8::MAX) {
-            continue; // damage already reported
+        if let Some(&l) = seq.iter().find(|&&l| nr_entries[l as usize] == u8::MAX) {
+            // An unread leaf is damage already reported, or a block another
+            // structure reached first (a superblock, a device-details or
+            // top-level node): no device walk read it as fresh. Only the
+            // space-map comparison would catch that, and `-m` has none.
+            if !damaged.contains(&l) {
+                report.add(
+                    Severity::Fatal,
+                    format!("{}mapping tree of device {}", w.prefix, w.dev.id),
+                    format!("block {l} is both a mapping leaf and a superblock or a node of another tree"),
+                );
+            }
+            continue;
         }
         let held: u64 = seq.iter().map(|&l| nr_entries[l as usize] as u64).sum();
         let d = &w.dev;
