@@ -39,7 +39,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use crate::pdata::checksum::{identify, seal, BlockKind};
-use crate::pdata::io::{BlockDevice, OpenMode};
+use crate::pdata::io::{BlockDevice, OpenError, OpenMode};
 use crate::pdata::BLOCK_SIZE;
 
 /// At most this many patches are applied (the rest of the input is ignored).
@@ -184,15 +184,20 @@ impl MemFile {
     /// thread that spawns a process forks a copy of every descriptor for a
     /// moment (until exec closes it), which holds this file's flock.
     pub fn open(&self, mode: OpenMode) -> BlockDevice {
+        self.try_open(mode)
+            .unwrap_or_else(|e| panic!("open memfd: {e}"))
+    }
+
+    /// [`Self::open`], returning the tools' refusal instead of panicking.
+    pub fn try_open(&self, mode: OpenMode) -> Result<BlockDevice, OpenError> {
         let mut tries = 0;
         loop {
             match BlockDevice::open(&self.path(), mode) {
-                Ok(d) => return d,
-                Err(crate::pdata::io::OpenError::Busy) if tries < 200 => {
+                Err(OpenError::Busy) if tries < 200 => {
                     tries += 1;
                     std::thread::sleep(std::time::Duration::from_millis(5));
                 }
-                Err(e) => panic!("open memfd: {e}"),
+                r => return r,
             }
         }
     }
@@ -248,14 +253,27 @@ fn load_input(img: &[u8], writer: bool) {
     });
 }
 
-/// Run `f` on the patched image opened as the tools open it.
-fn with_input<T>(data: &[u8], mode: OpenMode, f: impl FnOnce(&BlockDevice) -> T) -> T {
+/// Run `f` on the patched image opened as the tools open it. A patched
+/// block 0 can read as a gzip header: the open then refuses the input (a
+/// gzip stream that does not unpack, or a compressed image to write), as
+/// the tools would, and `f` does not run.
+fn with_input(data: &[u8], mode: OpenMode, f: impl FnOnce(&BlockDevice)) {
     let img = patched_image(patches(data));
     load_input(&img, mode == OpenMode::ReadWriteExclusive);
     INPUT.with(|m| {
-        let dev = m.open(mode);
-        f(&dev)
+        if let Some(dev) = open_input(m, mode) {
+            f(&dev)
+        }
     })
+}
+
+/// Open the input memfd; None when the tools would refuse it (see [`with_input`]).
+fn open_input(m: &MemFile, mode: OpenMode) -> Option<BlockDevice> {
+    match m.try_open(mode) {
+        Ok(dev) => Some(dev),
+        Err(OpenError::Compressed | OpenError::Io(_)) => None,
+        Err(e) => panic!("open memfd: {e}"),
+    }
 }
 
 fn full_check(dev: &BlockDevice) -> crate::thin::check::CheckReport {
@@ -374,7 +392,9 @@ pub fn thin_repair(data: &[u8]) {
     }
     load_input(&img, false);
     INPUT.with(|m| {
-        let dev = m.open(OpenMode::ReadOnlyExclusive);
+        let Some(dev) = open_input(m, OpenMode::ReadOnlyExclusive) else {
+            return;
+        };
         let Ok(src) = find_source(&dev, Default::default(), &mut |_, _| {}) else {
             return;
         };

@@ -117,10 +117,10 @@ pub fn open_raw(path: &Path, mode: OpenMode) -> std::result::Result<RawDevice, O
         Err(e) => return Err(e.into()),
     };
     let mut size = size;
-    if !is_block_device && size >= 2 {
-        let mut magic = [0u8; 2];
-        file.read_exact_at(&mut magic, 0)?;
-        if magic == GZIP_MAGIC {
+    if !is_block_device && size >= GZIP_HEADER_LEN {
+        let mut head = vec![0u8; size.min(BLOCK_SIZE as u64) as usize];
+        file.read_exact_at(&mut head, 0)?;
+        if is_gzip(&head) {
             if writable {
                 return Err(OpenError::Compressed);
             }
@@ -142,7 +142,20 @@ pub struct BlockDevice {
     writable: bool,
 }
 
-const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
+/// Bytes of a gzip member header that [`is_gzip`] looks at.
+const GZIP_HEADER_LEN: u64 = 4;
+
+/// Whether `head` (the first block, or all of a shorter file) starts a gzip
+/// stream (RFC 1952: ID1 ID2, CM = 8 deflate, no reserved FLG bits) rather
+/// than metadata. The two magic bytes alone are not enough: a superblock's
+/// checksum starts with them once in 65,536 pools, so a block carrying a
+/// valid metadata checksum is never taken for gzip.
+fn is_gzip(head: &[u8]) -> bool {
+    head.len() as u64 >= GZIP_HEADER_LEN
+        && head[..3] == [0x1f, 0x8b, 0x08]
+        && head[3] & 0xe0 == 0
+        && (head.len() < BLOCK_SIZE || crate::pdata::checksum::identify(head).is_none())
+}
 
 impl BlockDevice {
     /// Open `path` by the rules of [`open_raw`], as 4 KiB blocks.
@@ -505,6 +518,66 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn gzip_is_told_apart_from_metadata_by_header_and_checksum() {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&[0u8; BLOCK_SIZE]).unwrap();
+        let gz = gz.finish().unwrap();
+        assert!(is_gzip(&gz));
+        // The magic with another method byte (a damaged superblock whose
+        // checksum starts 1f 8b, as a fuzzer wrote) is metadata.
+        let mut blk = vec![0u8; BLOCK_SIZE];
+        blk[..4].copy_from_slice(&[0x1f, 0x8b, 0xf6, 0x74]);
+        assert!(!is_gzip(&blk));
+        blk[2] = 0x08;
+        blk[3] = 0;
+        assert!(is_gzip(&blk));
+        // A superblock whose valid checksum happens to read 1f 8b 08 00
+        // (once in 2^27 pools) is metadata: forge one by choosing bytes
+        // 4..8 so the sealed checksum comes out so.
+        let sb = forge_superblock_with_checksum([0x1f, 0x8b, 0x08, 0x00]);
+        assert_eq!(sb[..4], [0x1f, 0x8b, 0x08, 0x00]);
+        assert!(crate::pdata::checksum::identify(&sb).is_some());
+        assert!(!is_gzip(&sb));
+        assert!(!is_gzip(&gz[..3]));
+    }
+
+    /// A block that seals (as a thin superblock) to checksum bytes `want`:
+    /// the CRC is affine in the data, so bytes 4..8 are solved for over GF(2).
+    fn forge_superblock_with_checksum(want: [u8; 4]) -> Vec<u8> {
+        use crate::pdata::checksum::{seal, BlockKind};
+        let sealed_with = |x: u32| {
+            let mut b = vec![0u8; BLOCK_SIZE];
+            b[4..8].copy_from_slice(&x.to_le_bytes());
+            seal(&mut b, BlockKind::ThinSuperblock);
+            (u32::from_le_bytes(b[..4].try_into().unwrap()), b)
+        };
+        let c = sealed_with(0).0;
+        // rows: (effect of bit i on the checksum, which input bits make it)
+        let mut rows: Vec<(u32, u32)> = (0..32)
+            .map(|i| (sealed_with(1 << i).0 ^ c, 1 << i))
+            .collect();
+        let mut target = u32::from_le_bytes(want) ^ c;
+        let mut x = 0u32;
+        for bit in (0..32).rev() {
+            let Some(p) = (0..rows.len()).find(|&r| rows[r].0 >> bit & 1 == 1) else {
+                continue;
+            };
+            let pivot = rows.swap_remove(p);
+            for r in rows.iter_mut().filter(|r| r.0 >> bit & 1 == 1) {
+                r.0 ^= pivot.0;
+                r.1 ^= pivot.1;
+            }
+            if target >> bit & 1 == 1 {
+                target ^= pivot.0;
+                x ^= pivot.1;
+            }
+        }
+        assert_eq!(target, 0, "the CRC's 32 bits are reachable");
+        sealed_with(x).1
+    }
 
     fn image(nr: u64) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
