@@ -385,9 +385,70 @@ struct Survey {
     need: BTreeMap<u64, u32>,
 }
 
-/// Above this many data blocks the sharing is not worked out block by block
-/// (two bitsets of this size): every mapping is then treated as shared.
-const MAX_SURVEY_BLOCKS: u64 = 1 << 33;
+/// Data blocks mapped more than once, found in one pass over the leaves:
+/// bitsets for the blocks below `dense`, a list for the blocks above it.
+/// `dense` grows with the number of leaves read (each maps at most 252
+/// blocks) up to 2^32 blocks (two 512 MiB bitsets), so a damaged leaf
+/// mapping block 2^40 costs one list entry rather than bitsets reaching it.
+struct Multiplicity {
+    once: fixedbitset::FixedBitSet,
+    twice: fixedbitset::FixedBitSet,
+    dense: u64,
+    sparse: Vec<u64>,
+}
+
+impl Multiplicity {
+    fn new(nr_leaves: usize) -> Self {
+        let dense = (nr_leaves as u64)
+            .saturating_mul(252 * 16)
+            .clamp(1 << 24, 1 << 32);
+        Multiplicity {
+            once: Default::default(),
+            twice: Default::default(),
+            dense,
+            sparse: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, block: u64) {
+        if block >= self.dense {
+            self.sparse.push(block);
+            return;
+        }
+        let k = block as usize;
+        if k >= self.once.len() {
+            let n = (k + 1).max(self.once.len() * 2).min(self.dense as usize);
+            self.once.grow(n);
+            self.twice.grow(n);
+        }
+        if self.once.put(k) {
+            self.twice.insert(k);
+        }
+    }
+
+    /// Done adding: keep only what [`Self::is_shared`] needs.
+    fn finish(&mut self) {
+        self.once = Default::default();
+        self.sparse.sort_unstable();
+        let mut shared: Vec<u64> = self
+            .sparse
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| w[0])
+            .collect();
+        shared.dedup();
+        self.sparse = shared;
+    }
+
+    /// Mapped more than once (after [`Self::finish`]).
+    fn is_shared(&self, block: u64) -> bool {
+        if block < self.dense {
+            self.twice.contains(block as usize)
+        } else {
+            self.sparse.binary_search(&block).is_ok()
+        }
+    }
+}
 
 /// Read the leaves of `roots` (each distinct leaf twice): a mapping may be
 /// shared when its leaf is in two devices' trees or its data block is mapped
@@ -438,9 +499,7 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>, limit: Option<u32>) -> 
     // Pass 1: the highest block and time; data blocks mapped once / twice.
     let mut out = Survey::default();
     let mut leaf_time = vec![NONE; all.len()];
-    let mut once = fixedbitset::FixedBitSet::new();
-    let mut twice = fixedbitset::FixedBitSet::new();
-    let mut precise = true;
+    let mut mapped = Multiplicity::new(all.len());
     dev.read_in_order(&all, 1024, |i, b, data| {
         let Ok(node) = data.and_then(|d| parse_leaf(b, d, 8)) else {
             return Ok::<(), std::convert::Infallible>(());
@@ -450,22 +509,7 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>, limit: Option<u32>) -> 
             let bt = BlockTime::unpack(node.value::<u64>(j));
             t_max = t_max.max(Some(time_of(bt)));
             out.max_block = out.max_block.max(Some(bt.block));
-            if !precise {
-                continue;
-            }
-            if bt.block >= MAX_SURVEY_BLOCKS {
-                precise = false;
-                continue;
-            }
-            let k = bt.block as usize;
-            if k >= once.len() {
-                let n = (k + 1).max(once.len() * 2);
-                once.grow(n);
-                twice.grow(n);
-            }
-            if once.put(k) {
-                twice.insert(k);
-            }
+            mapped.add(bt.block);
         }
         if let Some(t) = t_max {
             out.max_time = out.max_time.max(t);
@@ -474,7 +518,7 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>, limit: Option<u32>) -> 
         Ok(())
     })
     .ok();
-    drop(once);
+    mapped.finish();
 
     // Pass 2: per leaf, the latest time of a mapping that may be shared.
     let mut shared_time = vec![NONE; all.len()];
@@ -483,30 +527,28 @@ fn survey(dev: &BlockDevice, roots: &BTreeMap<u64, u64>, limit: Option<u32>) -> 
         if t == NONE {
             continue;
         }
-        if !precise || holders[i] > 1 {
+        if holders[i] > 1 {
             shared_time[i] = t;
         } else {
             private.push(i);
         }
     }
-    if precise {
-        let blocks: Vec<u64> = private.iter().map(|&i| all[i]).collect();
-        dev.read_in_order(&blocks, 1024, |k, b, data| {
-            let Ok(node) = data.and_then(|d| parse_leaf(b, d, 8)) else {
-                return Ok::<(), std::convert::Infallible>(());
-            };
-            let t = (0..node.nr_entries())
-                .map(|j| BlockTime::unpack(node.value::<u64>(j)))
-                .filter(|bt| twice.contains(bt.block as usize))
-                .map(time_of)
-                .max();
-            if let Some(t) = t {
-                shared_time[private[k]] = t;
-            }
-            Ok(())
-        })
-        .ok();
-    }
+    let blocks: Vec<u64> = private.iter().map(|&i| all[i]).collect();
+    dev.read_in_order(&blocks, 1024, |k, b, data| {
+        let Ok(node) = data.and_then(|d| parse_leaf(b, d, 8)) else {
+            return Ok::<(), std::convert::Infallible>(());
+        };
+        let t = (0..node.nr_entries())
+            .map(|j| BlockTime::unpack(node.value::<u64>(j)))
+            .filter(|bt| mapped.is_shared(bt.block))
+            .map(time_of)
+            .max();
+        if let Some(t) = t {
+            shared_time[private[k]] = t;
+        }
+        Ok(())
+    })
+    .ok();
     for (id, l) in &per_dev {
         let t = l
             .iter()
@@ -830,5 +872,31 @@ pub fn input_error(e: Error) -> BuildError {
     match &e {
         Error::Metadata { source, .. } if source.is_io() => BuildError::InputIo(e.to_string()),
         _ => BuildError::Input(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Multiplicity;
+
+    /// Blocks mapped twice are found below and above the dense bound, and a
+    /// block far beyond it (a damaged leaf) does not grow the bitsets.
+    #[test]
+    fn multiplicity_is_exact_and_bounded_for_far_blocks() {
+        let mut m = Multiplicity::new(4);
+        assert_eq!(m.dense, 1 << 24);
+        for b in [5, 7, 5, 1 << 40, 1 << 40, (1 << 40) + 1, (1 << 24) - 1] {
+            m.add(b);
+        }
+        assert!(m.once.len() <= 1 << 24 && m.twice.len() <= 1 << 24);
+        m.finish();
+        assert!(m.is_shared(5));
+        assert!(!m.is_shared(7));
+        assert!(!m.is_shared((1 << 24) - 1));
+        assert!(m.is_shared(1 << 40));
+        assert!(!m.is_shared((1 << 40) + 1));
+        assert!(!m.is_shared(123_456_789_012));
+        // The bound grows with the leaves, up to 2^32 blocks.
+        assert_eq!(Multiplicity::new(usize::MAX).dense, 1 << 32);
     }
 }
