@@ -531,7 +531,9 @@ pool_set() {
     local cached=0
     [[ -f $img && -f $stamp && $(cat "$stamp") == "$want" ]] && cached=1
     [[ $cached -eq 1 ]] || need_mib=$((need_mib + size_mib))
-    [[ $cached -eq 1 && -f $xml ]] || need_mib=$((need_mib + (pset == huge ? HUGE_XML_GIB * 1024 : 1024)))
+    local xml_mib=1024
+    [[ $pset == huge ]] && xml_mib=$((HUGE_XML_GIB * 1024))
+    [[ $cached -eq 1 && -f $xml ]] || need_mib=$((need_mib + xml_mib))
     [[ -f $out && $(stat -c %s "$out") -eq $((size_mib * 1048576)) ]] || need_mib=$((need_mib + size_mib))
     avail_mib=$(df -Pk "$bench_dir" | awk 'NR == 2 { print int($4 / 1024) }')
     if [[ $need_mib -gt 0 && $((need_mib + 1024)) -gt ${avail_mib:-0} ]]; then
