@@ -689,7 +689,11 @@ pub fn find_source(
         (None, Err(_)) => {
             // LVM accepts the id it recorded or one ahead; a device's id is
             // the pool's before the transaction that changed it.
-            let devs = trees.details.values().map(|d| d.transaction_id + 1).max();
+            let devs = trees
+                .details
+                .values()
+                .map(|d| d.transaction_id.saturating_add(1))
+                .max();
             let copy = sb_fields.as_ref().map(|s| s.transaction_id);
             let t = devs.max(copy).unwrap_or(0);
             notes.push(match (devs, copy) {
