@@ -196,6 +196,40 @@ pub fn emit_devices(
     out: &mut dyn MetadataVisitor,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(), Error> {
+    let plan = plan_emit(walker, info, devs, salvage)?;
+    emit_planned(walker, &plan, info, devs, out, progress)
+}
+
+/// One step of an [`EmitPlan`]: the events between leaves, and a leaf.
+enum Ev {
+    DefBegin(u64),
+    DefEnd,
+    DevBegin(usize),
+    DevEnd,
+    Leaf,
+    Ref(u64),
+}
+
+/// The layout of what [`emit_devices`] emits: which trees are walked and
+/// which runs of leaves are shared is settled once (the walk of every tree
+/// is most of the cost), then [`emit_planned`] streams the leaves in this
+/// order as often as needed (a rebuild reads them once to validate and
+/// once to write).
+pub struct EmitPlan {
+    events: Vec<Ev>,
+    leaves: Vec<u64>,
+    /// Salvage: each device's mapped_blocks, recounted from its valid leaves.
+    mapped: Option<Vec<u64>>,
+    salvage: bool,
+}
+
+/// Walk `devs`' trees and lay out the events of [`emit_devices`].
+pub fn plan_emit(
+    walker: &mut Walker,
+    info: &SuperblockInfo,
+    devs: &[ThinDevice],
+    salvage: bool,
+) -> Result<EmitPlan, Error> {
     let dev = walker.device();
     // Strict: walk every selected device's mapping tree (shared subtrees
     // once). Salvage: each tree on its own, keeping the leaves that are
@@ -235,20 +269,6 @@ pub fn emit_devices(
     } else {
         trees.iter().map(|t| walker.leaves(t)).collect()
     };
-    // Salvaged leaves were checked against their own trees' key ranges.
-    fn leaf<'a>(
-        walker: &Walker,
-        salvage: bool,
-        b: u64,
-        d: &'a [u8],
-    ) -> crate::pdata::Result<crate::pdata::btree::Node<'a>> {
-        if salvage {
-            parse_leaf(b, d, 8)
-        } else {
-            walker.check_leaf(b, d, 8)
-        }
-    }
-    let walker: &Walker = walker;
     // Salvage: each device's mapped_blocks, from the counts above.
     let mapped: Option<Vec<u64>> = salvage.then(|| {
         seqs.iter()
@@ -261,15 +281,8 @@ pub fn emit_devices(
     });
     let plan = plan_sharing(dev.nr_blocks(), &seqs);
 
-    // Lay the output out as events, then stream the leaves in that order.
-    enum Ev {
-        DefBegin(u64),
-        DefEnd,
-        DevBegin(usize),
-        DevEnd,
-        Leaf,
-        Ref(u64),
-    }
+    // Lay the output out as events; emit_planned streams the leaves in
+    // that order.
     let mut events = Vec::new();
     let mut leaves = Vec::new();
     for run in &plan.defs {
@@ -293,7 +306,45 @@ pub fn emit_devices(
         }
         events.push(Ev::DevEnd);
     }
+    Ok(EmitPlan {
+        events,
+        leaves,
+        mapped,
+        salvage,
+    })
+}
 
+/// Emit the events `plan` lays out, reading the leaves through `walker`;
+/// `walker` and `devs` are the ones [`plan_emit`] was given.
+pub fn emit_planned(
+    walker: &Walker,
+    plan: &EmitPlan,
+    info: &SuperblockInfo,
+    devs: &[ThinDevice],
+    out: &mut dyn MetadataVisitor,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(), Error> {
+    // Salvaged leaves were checked against their own trees' key ranges.
+    fn leaf<'a>(
+        walker: &Walker,
+        salvage: bool,
+        b: u64,
+        d: &'a [u8],
+    ) -> crate::pdata::Result<crate::pdata::btree::Node<'a>> {
+        if salvage {
+            parse_leaf(b, d, 8)
+        } else {
+            walker.check_leaf(b, d, 8)
+        }
+    }
+    let dev = walker.device();
+    let EmitPlan {
+        events,
+        leaves,
+        mapped,
+        salvage,
+    } = plan;
+    let salvage = *salvage;
     out.superblock_begin(info)?;
     let total = leaves.len() as u64;
     let mut runs = RunBuilder::default();
@@ -338,7 +389,7 @@ pub fn emit_devices(
 
     let mut emitted = 0u64;
     progress(0, total);
-    dev.read_in_order(&leaves, 1024, |_, b, data| -> Result<(), Error> {
+    dev.read_in_order(leaves, 1024, |_, b, data| -> Result<(), Error> {
         advance(out, &mut cursor, &mut runs, &mut owner)?;
         cursor += 1; // the leaf
         let node = match data.and_then(|d| leaf(walker, salvage, b, d)) {

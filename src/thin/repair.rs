@@ -22,7 +22,7 @@ use crate::pdata::io::BlockDevice;
 use crate::pdata::scan::{scan, Scan};
 use crate::pdata::{self};
 use crate::thin::device::{BlockTime, DeviceDetails};
-use crate::thin::dump::{emit_devices, MetadataVisitor, SuperblockInfo};
+use crate::thin::dump::{emit_devices, emit_planned, plan_emit, MetadataVisitor, SuperblockInfo};
 use crate::thin::metadata::ThinDevice;
 use crate::thin::restore::{build_pool, BuildError, BuiltPool, Overrides};
 use crate::thin::superblock::{read_superblock, Superblock, SUPERBLOCK_LOCATION};
@@ -857,16 +857,16 @@ pub fn write_repaired(
     src: &RepairSource,
     output: &BlockDevice,
 ) -> Result<BuiltPool, BuildError> {
+    // Both passes of the build (validate, write) stream the same leaves:
+    // the walk that finds them is done once.
+    let mut walker = Walker::new(input);
+    let plan = plan_emit(&mut walker, &src.info, &src.devices, true).map_err(input_error)?;
     build_pool(output, Overrides::default(), false, |b, _| {
-        let mut walker = Walker::new(input);
-        emit_devices(
-            &mut walker,
-            &src.info,
-            &src.devices,
-            true,
+        // The read of the input and the build of the output take a core each.
+        crate::thin::restore::pipelined(
+            |out| emit_planned(&walker, &plan, &src.info, &src.devices, out, &mut |_, _| {}),
             b,
-            &mut |_, _| {},
-        )
+        )?
         .map_err(input_error)
     })
 }

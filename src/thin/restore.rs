@@ -67,8 +67,13 @@ impl std::hash::Hasher for NameHasher {
 
 type NameHash = std::hash::BuildHasherDefault<NameHasher>;
 
-/// A def's leaves (first key, block), and how many mappings they hold.
-type Def = (Vec<(u64, u64)>, u64);
+/// A def: its leaves (first key, block), how many mappings they hold, and
+/// whether a device refers to it yet (a def nobody uses would leak its blocks).
+struct Def {
+    leaves: Vec<(u64, u64)>,
+    entries: u64,
+    referenced: bool,
+}
 
 fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
@@ -92,8 +97,6 @@ pub struct PoolBuilder<'a, 'd> {
     /// to it: a mapping from the future would look unshared to the kernel
     /// after the next snapshot, and be overwritten in place).
     latest_time: u64,
-    /// Defs some device refers to (a def nobody uses would leak its blocks).
-    referenced: std::collections::HashSet<String>,
     /// Take a metadata snapshot of the result (the generator's option).
     metadata_snap: bool,
     /// Data counts are given (from a dry run of the same events), not counted.
@@ -118,7 +121,6 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
             dev: None,
             devices: Vec::new(),
             latest_time: 0,
-            referenced: Default::default(),
             metadata_snap: false,
             data_given: false,
             too_small: None,
@@ -290,7 +292,7 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
         Ok(())
     }
     fn superblock_end(&mut self) -> io::Result<()> {
-        if let Some(name) = self.defs.keys().find(|n| !self.referenced.contains(*n)) {
+        if let Some((name, _)) = self.defs.iter().find(|(_, d)| !d.referenced) {
             return Err(other(format!(
                 "def \"{name}\" is not referred to by any device (its data blocks would leak)"
             )));
@@ -305,7 +307,12 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
     fn def_end(&mut self) -> io::Result<()> {
         if let Some((name, t)) = self.def.take() {
             let leaves = t.finish_leaves(self.w).map_err(other)?;
-            self.defs.insert(name, (leaves, self.def_entries));
+            let def = Def {
+                leaves,
+                entries: self.def_entries,
+                referenced: false,
+            };
+            self.defs.insert(name, def);
         }
         Ok(())
     }
@@ -337,13 +344,13 @@ impl MetadataVisitor for PoolBuilder<'_, '_> {
         let Some((_, t)) = self.dev.as_mut() else {
             return Err(other("ref outside a device"));
         };
-        let (leaves, entries) = self
+        let def = self
             .defs
-            .get(name)
+            .get_mut(name)
             .ok_or_else(|| other(format!("ref to undefined def \"{name}\"")))?;
-        self.dev_entries += entries;
-        self.referenced.insert(name.to_string());
-        for &(k, b) in leaves {
+        self.dev_entries += def.entries;
+        def.referenced = true;
+        for &(k, b) in &def.leaves {
             t.push_shared_leaf(self.w, k, b).map_err(other)?;
         }
         Ok(())
@@ -547,8 +554,11 @@ enum Event {
     Reference(String),
 }
 
-/// Events per batch sent from the parser to the builder.
-const BATCH: usize = 8192;
+/// Events per batch sent from the reader to the builder; up to
+/// [`IN_FLIGHT`] batches wait (a few MiB), enough to ride out a reader or
+/// builder that works in bursts (a walk between devices, a long def).
+const BATCH: usize = 1024;
+const IN_FLIGHT: usize = 64;
 
 /// A visitor that batches events into a channel.
 struct Batcher {
@@ -565,6 +575,9 @@ impl Batcher {
         Ok(())
     }
     fn flush(&mut self) -> io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
         let full = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
         self.tx
             .send(full)
@@ -621,16 +634,41 @@ fn pipelined_xml(
     nr_data_blocks: Option<u64>,
     out: &mut dyn MetadataVisitor,
 ) -> Result<(), BuildError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(4);
+    let parsed = pipelined(
+        |batcher| crate::thin::xml_read::read_xml_with_pool_size(input, batcher, nr_data_blocks),
+        out,
+    )?;
+    parsed.map(|_| ()).map_err(|e| match e {
+        crate::thin::xml_read::XmlError::Read(io) => BuildError::InputIo(io.to_string()),
+        e => {
+            let mut msg = e.to_string();
+            if msg.ends_with("beyond nr_data_blocks 0") {
+                // The peer's `thin_dump -m` prints nr_data_blocks="0".
+                msg.push_str(" (the dump gives no pool size: use --nr-data-blocks)");
+            }
+            BuildError::Input(msg)
+        }
+    })
+}
+
+/// Run `produce` (a reader of the input: the XML parser, a metadata walk)
+/// on a thread of its own and feed what it visits to `out` on this one, so
+/// reading and building take a core each. A failure of the builder wins
+/// (the producer then stops at its next send); otherwise the producer's
+/// own result is returned.
+pub fn pipelined<T: Send, E: Send>(
+    produce: impl FnOnce(&mut dyn MetadataVisitor) -> Result<T, E> + Send,
+    out: &mut dyn MetadataVisitor,
+) -> Result<Result<T, E>, BuildError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(IN_FLIGHT);
     std::thread::scope(|scope| {
-        let parser = scope.spawn(move || {
+        let producer = scope.spawn(move || {
             let mut batcher = Batcher {
                 batch: Vec::with_capacity(BATCH),
                 tx,
             };
-            let r =
-                crate::thin::xml_read::read_xml_with_pool_size(input, &mut batcher, nr_data_blocks);
-            // Deliver what was parsed before an error too.
+            let r = produce(&mut batcher);
+            // Deliver what was read before an error too.
             let _ = batcher.flush();
             r
         });
@@ -658,22 +696,10 @@ fn pipelined_xml(
             }
         }
         drop(rx);
-        let parsed = parser
+        let produced = producer
             .join()
-            .map_err(|_| BuildError::Input("the XML parser failed".into()))?;
-        if let Err(e) = built {
-            return Err(BuildError::Input(e.to_string()));
-        }
-        parsed.map(|_| ()).map_err(|e| match e {
-            crate::thin::xml_read::XmlError::Read(io) => BuildError::InputIo(io.to_string()),
-            e => {
-                let mut msg = e.to_string();
-                if msg.ends_with("beyond nr_data_blocks 0") {
-                    // The peer's `thin_dump -m` prints nr_data_blocks="0".
-                    msg.push_str(" (the dump gives no pool size: use --nr-data-blocks)");
-                }
-                BuildError::Input(msg)
-            }
-        })
+            .map_err(|_| BuildError::Input("the input reader failed".into()))?;
+        built.map_err(|e| BuildError::Input(e.to_string()))?;
+        Ok(produced)
     })
 }
