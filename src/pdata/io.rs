@@ -238,7 +238,9 @@ impl BlockDevice {
         write_at(&self.file, buf, first * BLOCK_SIZE as u64).map_err(|source| Error::WriteIo {
             block: first,
             source,
-        })
+        })?;
+        start_writeback(&self.file, first * BLOCK_SIZE as u64, buf.len() as u64);
+        Ok(())
     }
 
     /// Flush written blocks to stable storage (the commit barrier).
@@ -330,6 +332,23 @@ pub fn write_at(file: &File, buf: &[u8], offset: u64) -> std::io::Result<()> {
         bytes: buf.to_vec(),
     });
     Ok(())
+}
+
+/// Start writing `len` bytes at `offset` back to the device without waiting
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the commit's flush finds
+/// little left to write. Only a hint: durability still comes from
+/// [`sync_data`], and a failure here is left for it to report.
+pub fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on an open descriptor; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
 }
 
 /// Make `file`'s completed writes durable (`fdatasync`): the commit barrier.
