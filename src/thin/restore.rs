@@ -176,9 +176,7 @@ impl<'a, 'd> PoolBuilder<'a, 'd> {
         })
         .map_err(other)?;
         if !self.data_given {
-            for i in 0..m.len {
-                self.data.inc(m.data_begin + i);
-            }
+            self.data.inc_run(m.data_begin, m.len);
         }
         Ok(())
     }

@@ -220,6 +220,7 @@ impl Kind {
 }
 
 /// A start tag (or empty-element tag), its attributes parsed into slots.
+#[derive(Debug, PartialEq, Eq)]
 struct Tag {
     kind: Kind,
     /// Numeric attribute values, by index in `kind.attrs()`.
@@ -278,10 +279,74 @@ fn show_byte(b: u8) -> String {
     }
 }
 
+/// A mapping exactly as thin_dump writes it (`<range_mapping
+/// origin_begin="N" data_begin="N" length="N" time="N"/>`, and
+/// single_mapping's three), nearly every tag of a big dump, read without
+/// the general loop. Anything else (other spacing, order or quotes, an
+/// entity, a number of 20 digits, the end of the buffer) gives `None` and
+/// takes the general path, which reads the writer's form to the same tag.
+#[inline]
+fn parse_written_mapping(s: &[u8]) -> Option<Tag> {
+    const RANGE: &[&[u8]] = &[
+        b"<range_mapping origin_begin=\"",
+        b"\" data_begin=\"",
+        b"\" length=\"",
+        b"\" time=\"",
+        b"\"/>",
+    ];
+    const SINGLE: &[&[u8]] = &[
+        b"<single_mapping origin_block=\"",
+        b"\" data_block=\"",
+        b"\" time=\"",
+        b"\"/>",
+    ];
+    let (kind, parts) = match s.get(1) {
+        Some(b'r') if s.starts_with(RANGE[0]) => (Kind::Range, RANGE),
+        Some(b's') if s.starts_with(SINGLE[0]) => (Kind::Single, SINGLE),
+        _ => return None,
+    };
+    let mut t = Tag {
+        kind,
+        vals: [0; MAX_ATTRS],
+        seen: (1 << (parts.len() - 1)) - 1,
+        empty: true,
+        len: 0,
+        newlines: 0,
+        last_nl: 0,
+    };
+    let mut i = parts[0].len();
+    for (idx, sep) in parts[1..].iter().enumerate() {
+        let v0 = i;
+        let mut v = 0u64;
+        while let Some(d) = s.get(i).map(|c| c.wrapping_sub(b'0')).filter(|&d| d < 10) {
+            if i - v0 == 19 {
+                return None; // 20 digits may not fit: the general path says so
+            }
+            v = v * 10 + d as u64;
+            i += 1;
+        }
+        if i == v0 || !s[i..].starts_with(sep) {
+            return None;
+        }
+        t.vals[idx] = v;
+        i += sep.len();
+    }
+    t.len = i;
+    Some(t)
+}
+
 /// Parse the start tag at the beginning of `s` (`s[0] == b'<'`). `Ok(None)`:
 /// `s` ends before the tag does. String attributes are decoded into `text`.
 #[inline]
 fn parse_start_tag(s: &[u8], text: &mut String) -> Result<Option<Tag>, TagError> {
+    match parse_written_mapping(s) {
+        Some(t) => Ok(Some(t)),
+        None => parse_any_start_tag(s, text),
+    }
+}
+
+/// [`parse_start_tag`] for any form of tag.
+fn parse_any_start_tag(s: &[u8], text: &mut String) -> Result<Option<Tag>, TagError> {
     let n = s.len();
     let mut i = 1;
     while i < n && !is_ws(s[i]) && s[i] != b'>' && s[i] != b'/' {
@@ -1263,6 +1328,54 @@ fn ctx_name(c: Ctx) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    /// The fast path for the writer's mappings reads exactly what the
+    /// general parser reads, and leaves everything else to it: other
+    /// spacing, quotes, numbers too long for it, a buffer cut mid-tag.
+    #[test]
+    fn written_mappings_parse_as_the_general_parser_parses_them() {
+        use super::{parse_any_start_tag, parse_written_mapping};
+        let fast = [
+            r#"<range_mapping origin_begin="0" data_begin="8494483" length="4" time="0"/>"#,
+            r#"<range_mapping origin_begin="18446744073709551" data_begin="9999999999999999999" length="1" time="4294967295"/>  "#,
+            r#"<single_mapping origin_block="7" data_block="0012" time="3"/>
+    <single"#,
+        ];
+        let general = [
+            r#"<range_mapping origin_begin="0" data_begin="12345678901234567890" length="4" time="0"/>"#,
+            r#"<range_mapping origin_begin="0" data_begin="" length="4" time="0"/>"#,
+            r#"<range_mapping origin_begin='0' data_begin="1" length="4" time="0"/>"#,
+            r#"<range_mapping  origin_begin="0" data_begin="1" length="4" time="0"/>"#,
+            r#"<range_mapping origin_begin="0" length="4" data_begin="1" time="0"/>"#,
+            r#"<range_mapping origin_begin="0" data_begin="1" length="4" time="0" />"#,
+            r#"<range_mapping origin_begin="0" data_begin="&#49;" length="4" time="0"/>"#,
+            r#"<range_mapping origin_begin="0" data_begin="1" length="4" time="0"></range_mapping>"#,
+            r#"<single_mapping origin_block="-1" data_block="1" time="0"/>"#,
+        ];
+        let mut text = String::new();
+        for s in fast {
+            let t = parse_written_mapping(s.as_bytes()).expect(s);
+            assert_eq!(
+                Ok(Some(t)),
+                parse_any_start_tag(s.as_bytes(), &mut text),
+                "{s}"
+            );
+            // Cut anywhere inside the tag: both wait for more input.
+            let whole = s.find("/>").unwrap() + 2;
+            for cut in 1..whole {
+                let part = &s.as_bytes()[..cut];
+                assert_eq!(parse_written_mapping(part), None, "{s} cut at {cut}");
+                assert_eq!(
+                    parse_any_start_tag(part, &mut text),
+                    Ok(None),
+                    "{s} cut at {cut}"
+                );
+            }
+        }
+        for s in general {
+            assert_eq!(parse_written_mapping(s.as_bytes()), None, "{s}");
+        }
+    }
+
     use super::*;
     use crate::thin::dump::XmlWriter;
     use std::path::Path;
