@@ -544,12 +544,46 @@ where
 enum Event {
     SuperblockBegin(SuperblockInfo),
     SuperblockEnd,
-    DefBegin(String),
+    DefBegin(Name),
     DefEnd,
     DeviceBegin(DeviceInfo),
     DeviceEnd,
     Mapping(Mapping),
-    Reference(String),
+    Reference(Name),
+}
+
+/// A def's name in an [`Event`]: kept inline when short (names are numbers
+/// nearly always), so the hundreds of thousands of refs of a big dump cost
+/// no allocation.
+enum Name {
+    Short { len: u8, bytes: [u8; 30] },
+    Long(String),
+}
+
+impl Name {
+    fn new(name: &str) -> Name {
+        let mut bytes = [0u8; 30];
+        match bytes.get_mut(..name.len()) {
+            Some(b) => {
+                b.copy_from_slice(name.as_bytes());
+                Name::Short {
+                    len: name.len() as u8,
+                    bytes,
+                }
+            }
+            None => Name::Long(name.to_string()),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // A whole &str was copied in: a char boundary ends it.
+            Name::Short { len, bytes } => {
+                std::str::from_utf8(&bytes[..*len as usize]).unwrap_or_default()
+            }
+            Name::Long(s) => s,
+        }
+    }
 }
 
 /// Events per batch sent from the reader to the builder; up to
@@ -562,6 +596,10 @@ const IN_FLIGHT: usize = 64;
 struct Batcher {
     batch: Vec<Event>,
     tx: std::sync::mpsc::SyncSender<Vec<Event>>,
+    /// Emptied batches the builder hands back: reused, not reallocated (a
+    /// batch is too big for malloc's fast bins, and freeing one on another
+    /// thread made malloc consolidate its heap every time).
+    spare: std::sync::mpsc::Receiver<Vec<Event>>,
 }
 
 impl Batcher {
@@ -576,7 +614,11 @@ impl Batcher {
         if self.batch.is_empty() {
             return Ok(());
         }
-        let full = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        let next = self
+            .spare
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+        let full = std::mem::replace(&mut self.batch, next);
         self.tx
             .send(full)
             .map_err(|_| io::Error::other("the builder stopped"))
@@ -591,7 +633,7 @@ impl MetadataVisitor for Batcher {
         self.push(Event::SuperblockEnd)
     }
     fn def_begin(&mut self, name: &str) -> io::Result<()> {
-        self.push(Event::DefBegin(name.to_string()))
+        self.push(Event::DefBegin(Name::new(name)))
     }
     fn def_end(&mut self) -> io::Result<()> {
         self.push(Event::DefEnd)
@@ -606,7 +648,7 @@ impl MetadataVisitor for Batcher {
         self.push(Event::Mapping(*m))
     }
     fn reference(&mut self, name: &str) -> io::Result<()> {
-        self.push(Event::Reference(name.to_string()))
+        self.push(Event::Reference(Name::new(name)))
     }
     fn finish(&mut self) -> io::Result<()> {
         self.flush()
@@ -617,12 +659,12 @@ fn replay(out: &mut dyn MetadataVisitor, e: &Event) -> io::Result<()> {
     match e {
         Event::SuperblockBegin(sb) => out.superblock_begin(sb),
         Event::SuperblockEnd => out.superblock_end(),
-        Event::DefBegin(n) => out.def_begin(n),
+        Event::DefBegin(n) => out.def_begin(n.as_str()),
         Event::DefEnd => out.def_end(),
         Event::DeviceBegin(d) => out.device_begin(d),
         Event::DeviceEnd => out.device_end(),
         Event::Mapping(m) => out.mapping(m),
-        Event::Reference(n) => out.reference(n),
+        Event::Reference(n) => out.reference(n.as_str()),
     }
 }
 
@@ -659,11 +701,13 @@ pub fn pipelined<T: Send, E: Send>(
     out: &mut dyn MetadataVisitor,
 ) -> Result<Result<T, E>, BuildError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(IN_FLIGHT);
+    let (back, spare) = std::sync::mpsc::channel::<Vec<Event>>();
     std::thread::scope(|scope| {
         let producer = scope.spawn(move || {
             let mut batcher = Batcher {
                 batch: Vec::with_capacity(BATCH),
                 tx,
+                spare,
             };
             let r = produce(&mut batcher);
             // Deliver what was read before an error too.
@@ -692,6 +736,9 @@ pub fn pipelined<T: Send, E: Send>(
             if built.is_err() {
                 break;
             }
+            let mut batch = batch;
+            batch.clear();
+            let _ = back.send(batch);
         }
         drop(rx);
         let produced = producer
