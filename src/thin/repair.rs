@@ -860,7 +860,8 @@ pub fn write_repaired(
     // Both passes of the build (validate, write) stream the same leaves:
     // the walk that finds them is done once.
     let mut walker = Walker::new(input);
-    let plan = plan_emit(&mut walker, &src.info, &src.devices, true).map_err(input_error)?;
+    let plan = plan_emit(&mut walker, &src.info, &src.devices, true)
+        .map_err(|e| input_error(e).noting("nothing was written"))?;
     build_pool(output, Overrides::default(), false, |b, _| {
         // The read of the input and the build of the output take a core each.
         crate::thin::restore::pipelined(

@@ -741,9 +741,11 @@ pub fn pipelined<T: Send, E: Send>(
             let _ = back.send(batch);
         }
         drop(rx);
+        // A panic in the reader is a bug: passed on as one, so the fuzzers
+        // and tests see it (not turned into an input error).
         let produced = producer
             .join()
-            .map_err(|_| BuildError::Input("the input reader failed".into()))?;
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         built.map_err(|e| BuildError::Input(e.to_string()))?;
         Ok(produced)
     })
