@@ -750,3 +750,111 @@ pub fn pipelined<T: Send, E: Send>(
         Ok(produced)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what reaches it; fails at the mapping of origin `fail_at`.
+    #[derive(Default)]
+    struct Recorder {
+        seen: Vec<String>,
+        fail_at: Option<u64>,
+    }
+
+    impl MetadataVisitor for Recorder {
+        fn def_begin(&mut self, name: &str) -> io::Result<()> {
+            self.seen.push(format!("def {name}"));
+            Ok(())
+        }
+        fn mapping(&mut self, m: &Mapping) -> io::Result<()> {
+            if Some(m.origin_begin) == self.fail_at {
+                return Err(other("builder full"));
+            }
+            self.seen.push(format!("map {}", m.origin_begin));
+            Ok(())
+        }
+        fn reference(&mut self, name: &str) -> io::Result<()> {
+            self.seen.push(format!("ref {name}"));
+            Ok(())
+        }
+        fn finish(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn map(o: u64) -> Mapping {
+        Mapping {
+            origin_begin: o,
+            data_begin: o,
+            len: 1,
+            time: 0,
+        }
+    }
+
+    #[test]
+    fn pipelined_delivers_every_event_in_order_across_batches() {
+        let long = "x".repeat(40); // too long to travel inline
+        let n = 3 * BATCH as u64 + 5;
+        let mut r = Recorder::default();
+        let produced = pipelined(
+            |v| -> Result<u64, String> {
+                v.def_begin("7").map_err(|e| e.to_string())?;
+                for o in 0..n {
+                    v.mapping(&map(o)).map_err(|e| e.to_string())?;
+                }
+                v.reference(&long).map_err(|e| e.to_string())?;
+                Ok(n)
+            },
+            &mut r,
+        )
+        .unwrap();
+        assert_eq!(produced, Ok(n));
+        assert_eq!(r.seen.len() as u64, n + 2);
+        assert_eq!(r.seen[0], "def 7");
+        assert!((0..n as usize).all(|i| r.seen[i + 1] == format!("map {i}")));
+        assert_eq!(r.seen[n as usize + 1], format!("ref {long}"));
+    }
+
+    #[test]
+    fn pipelined_reports_the_builders_failure_first_then_the_readers() {
+        // The builder fails mid-stream: its error wins, and the reader,
+        // blocked on a full channel, is released.
+        let mut r = Recorder {
+            fail_at: Some(2000),
+            ..Default::default()
+        };
+        let e = pipelined(
+            |v| -> Result<(), String> {
+                for o in 0..1_000_000 {
+                    v.mapping(&map(o)).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            },
+            &mut r,
+        )
+        .unwrap_err();
+        assert_eq!(e.to_string(), "builder full");
+        assert_eq!(r.seen.len(), 2000);
+
+        // The reader fails: its error is returned, after what it read before.
+        let mut r = Recorder::default();
+        let produced = pipelined(
+            |v| -> Result<(), String> {
+                v.mapping(&map(0)).map_err(|e| e.to_string())?;
+                Err("bad input".into())
+            },
+            &mut r,
+        )
+        .unwrap();
+        assert_eq!(produced, Err("bad input".to_string()));
+        assert_eq!(r.seen, ["map 0"]);
+    }
+
+    #[test]
+    #[should_panic(expected = "reader bug")]
+    fn pipelined_passes_on_a_readers_panic() {
+        let mut r = Recorder::default();
+        let _ = pipelined(|_| -> Result<(), ()> { panic!("reader bug") }, &mut r);
+    }
+}
