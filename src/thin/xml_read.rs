@@ -308,7 +308,7 @@ fn parse_written_mapping(s: &[u8]) -> Option<Tag> {
     let mut t = Tag {
         kind,
         vals: [0; MAX_ATTRS],
-        seen: (1 << (parts.len() - 1)) - 1,
+        seen: kind.required(), // all of a mapping's attributes are given
         empty: true,
         len: 0,
         newlines: 0,
