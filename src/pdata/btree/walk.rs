@@ -69,6 +69,10 @@ pub struct Walker<'d> {
     seen: FixedBitSet,
     /// Internal nodes reached so far: their leaf span in `arena`, height, keys.
     internal: HashMap<u64, Span>,
+    /// The blocks `internal` holds: a leaf reached again (snapshots share
+    /// leaves under copied internal nodes: millions of times on a large
+    /// pool) is told from an internal node without hashing.
+    is_internal: FixedBitSet,
     /// Internal-level blocks that could not be used.
     broken: FixedBitSet,
     /// Leaf sequences of all walks; shared subtrees are copied from here.
@@ -91,6 +95,7 @@ impl<'d> Walker<'d> {
             dev,
             seen: FixedBitSet::with_capacity(nr),
             internal: HashMap::new(),
+            is_internal: FixedBitSet::with_capacity(nr),
             broken: FixedBitSet::with_capacity(nr),
             arena: Vec::new(),
             leaf_bounds: Vec::new(),
@@ -113,6 +118,7 @@ impl<'d> Walker<'d> {
         }
         self.seen.clear();
         self.internal.clear();
+        self.is_internal.clear();
         self.broken.clear();
         self.arena.clear();
         self.fresh.clear();
@@ -314,7 +320,7 @@ impl<'d> Walker<'d> {
         };
         if !self.seen.put(leaf as usize) {
             self.fresh.push(leaf);
-        } else if self.internal.contains_key(&leaf) || self.broken.contains(leaf as usize) {
+        } else if self.is_internal.contains(leaf as usize) || self.broken.contains(leaf as usize) {
             self.arena.pop();
             self.issue(
                 Error::invalid(leaf, "block is used both as an internal node and as a leaf"),
@@ -329,7 +335,12 @@ impl<'d> Walker<'d> {
         if self.broken.contains(b as usize) {
             return; // reported when first reached
         }
-        match self.internal.get(&b).copied() {
+        let span = if self.is_internal.contains(b as usize) {
+            self.internal.get(&b).copied()
+        } else {
+            None
+        };
+        match span {
             Some(span) if !span.done => {
                 self.issue(
                     Error::invalid(b, "node is its own ancestor (a loop in the tree)"),
@@ -447,6 +458,7 @@ impl<'d> Walker<'d> {
         }
 
         let start = self.arena.len() as u32;
+        self.is_internal.insert(b as usize);
         self.internal.insert(
             b,
             Span {
