@@ -247,6 +247,40 @@ impl RefCounts {
         }
     }
 
+    /// Add `other`'s counts to these. Made for counts filled by two
+    /// threads from disjoint ranges of blocks: a chunk only one side
+    /// counted in is moved over as it is; a chunk both counted in is added
+    /// block by block.
+    pub fn absorb(&mut self, mut other: RefCounts) {
+        assert_eq!(self.nr_blocks, other.nr_blocks, "counts of different sizes");
+        let mut both = Vec::new();
+        for c in 0..self.chunks.len() {
+            match (&self.chunks[c], &other.chunks[c]) {
+                (_, Chunk::Zero) => {}
+                (Chunk::Zero, _) => {
+                    self.chunks[c] = std::mem::replace(&mut other.chunks[c], Chunk::Zero)
+                }
+                _ => both.push(c),
+            }
+        }
+        // Counts of 15 or more in the chunks moved over come along; those
+        // in chunks both sides counted in are added with the rest below.
+        for (&b, &n) in &other.overflow {
+            if matches!(other.chunks[(b >> CHUNK_SHIFT) as usize], Chunk::Zero) {
+                self.overflow.insert(b, n);
+            }
+        }
+        for c in both {
+            let first = c as u64 * CHUNK;
+            for b in first..(first + CHUNK).min(self.nr_blocks) {
+                let n = other.get(b);
+                if n > 0 {
+                    self.set(b, self.get(b).saturating_add(n));
+                }
+            }
+        }
+    }
+
     /// Take one from `b`'s count. Returns the old count; a count already 0
     /// stays 0 (callers decide whether that is an error).
     pub fn dec(&mut self, b: u64) -> u32 {
@@ -428,6 +462,45 @@ mod tests {
         assert!((0..200).any(|b| runs.get(b) > 15));
         assert_eq!(runs.overflow_sorted(), single.overflow_sorted());
         assert_eq!(runs.nr_allocated(), single.nr_allocated());
+    }
+
+    /// Counts filled from two sides add up: chunks only one side counted
+    /// in (moved, with their overflow), chunks both counted in (added),
+    /// counts past 15 on either side.
+    #[test]
+    fn absorbed_counts_add_up() {
+        let n = 5 * CHUNK + 99;
+        let (mut a, mut b, mut both) = (RefCounts::new(n), RefCounts::new(n), RefCounts::new(n));
+        let mut x = 777u64;
+        for step in 0..300_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let blk = match step % 4 {
+                0 => x % 100,                      // chunk 0: both sides, past 15
+                1 => CHUNK + x % 50,               // chunk 1: side a only, past 15
+                2 => 3 * CHUNK + x % 70,           // chunk 3: side b only, past 15
+                _ => 4 * CHUNK + x % (CHUNK + 99), // chunks 4, 5: both, sparse
+            };
+            let side_b = match step % 4 {
+                1 => false,
+                2 => true,
+                _ => x & (1 << 40) != 0,
+            };
+            if side_b {
+                b.inc(blk);
+            } else {
+                a.inc(blk);
+            }
+            both.inc(blk);
+        }
+        a.absorb(b);
+        for blk in 0..n {
+            assert_eq!(a.get(blk), both.get(blk), "block {blk}");
+        }
+        assert!(both.get(CHUNK + 1) > 15 && both.get(3 * CHUNK + 1) > 15 && both.get(1) > 15);
+        assert_eq!(a.overflow_sorted(), both.overflow_sorted());
+        assert_eq!(a.nr_allocated(), both.nr_allocated());
     }
 
     /// Against a plain array: every width (zero, narrow, wide, overflow),

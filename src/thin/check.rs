@@ -10,6 +10,8 @@
 //! (leaks, under- and over-counts, damaged bitmaps and index).
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, AtomicU8};
 
 use crate::pdata::btree::{Issue, TreeLeaves, Walker};
 use crate::pdata::counts::RefCounts;
@@ -231,6 +233,20 @@ impl DataScan {
         }
     }
 
+    /// Join two scans of disjoint sets of leaves, listing the first bad
+    /// values in leaf order as one scan in leaf order would.
+    fn merge(mut self, other: DataScan) -> DataScan {
+        self.nr_beyond += other.nr_beyond;
+        self.beyond.extend(other.beyond);
+        self.beyond.sort_unstable();
+        self.beyond.truncate(MAX_LISTED);
+        self.nr_future += other.nr_future;
+        self.future.extend(other.future);
+        self.future.sort_unstable();
+        self.future.truncate(MAX_LISTED);
+        self
+    }
+
     #[cold]
     fn list_bad_values(&mut self, b: u64, node: &crate::pdata::btree::Node) {
         for i in 0..node.nr_entries() {
@@ -263,6 +279,138 @@ fn count_runs(counts: &mut RefCounts, runs: &[u64]) {
     }
 }
 
+/// Blocks per stripe of the data device: the two leaf workers each count
+/// the references into every other stripe (1 Mi blocks, whole chunks of
+/// the counts).
+const STRIPE_SHIFT: u32 = 20;
+
+/// How a check splits its work between the two leaf workers (tests make
+/// both small, so that small pools take every path).
+#[derive(Debug, Clone, Copy)]
+struct Split {
+    /// Leaves a worker reads at once; the workers take alternate batches.
+    leaf_batch: usize,
+    /// log2 of the blocks in a stripe of the data device.
+    stripe_shift: u32,
+}
+
+const SPLIT: Split = Split {
+    leaf_batch: LEAF_BATCH,
+    stripe_shift: STRIPE_SHIFT,
+};
+
+/// Split packed runs at stripe boundaries (stripes of `1 << shift` blocks)
+/// into the runs worker `id` counts and the runs the other worker counts.
+fn route_runs(runs: &[u64], shift: u32, id: usize, mine: &mut Vec<u64>, theirs: &mut Vec<u64>) {
+    for &r in runs {
+        let mut start = r >> RUN_LEN_BITS;
+        let end = start + (r & MAX_RUN);
+        loop {
+            let stripe_end = ((start >> shift) + 1) << shift;
+            let piece_end = end.min(stripe_end);
+            let piece = start << RUN_LEN_BITS | (piece_end - start);
+            if ((start >> shift) & 1) as usize == id {
+                mine.push(piece);
+            } else {
+                theirs.push(piece);
+            }
+            if piece_end == end {
+                break;
+            }
+            start = piece_end;
+        }
+    }
+}
+
+/// What the two leaf workers share (read-only, or one writer per element).
+struct LeafContext<'a> {
+    dev: &'a BlockDevice,
+    walker: &'a Walker<'a>,
+    /// Roots that are leaves themselves (allowed to be under-filled), sorted.
+    root_leaves: &'a [u64],
+    nr_entries: &'a [AtomicU8],
+    nr_data_blocks: u64,
+    sb_time: u32,
+    split: Split,
+    /// Leaves read by both workers so far.
+    done: &'a AtomicU64,
+}
+
+/// What one leaf worker found.
+struct LeafWork {
+    /// References into this worker's stripes only.
+    counts: RefCounts,
+    scan: DataScan,
+    leaf_errors: Vec<(u64, PError)>,
+    fill_issues: Vec<(u64, Issue)>,
+}
+
+impl LeafContext<'_> {
+    /// Read, validate and count `batches` of sorted leaves as worker `id`
+    /// (0 or 1): runs into the other worker's stripes go out on `to_other`,
+    /// and the other's runs into ours come in on `from_other` until it is
+    /// done. `progress(leaves read by both)` is called after each batch.
+    fn work<'b>(
+        &self,
+        id: usize,
+        batches: impl Iterator<Item = &'b [u64]>,
+        to_other: std::sync::mpsc::Sender<Vec<u64>>,
+        from_other: std::sync::mpsc::Receiver<Vec<u64>>,
+        progress: &mut dyn FnMut(u64),
+    ) -> LeafWork {
+        let mut w = LeafWork {
+            counts: RefCounts::new(self.nr_data_blocks),
+            scan: DataScan::new(self.nr_data_blocks, self.sb_time),
+            leaf_errors: Vec::new(),
+            fill_issues: Vec::new(),
+        };
+        let mut buf = vec![0u8; self.split.leaf_batch * crate::pdata::BLOCK_SIZE];
+        let mut failed = Vec::new();
+        let (mut runs, mut mine) = (Vec::new(), Vec::new());
+        for chunk in batches {
+            runs.clear();
+            self.dev.read_sorted(chunk, &mut buf, &mut failed);
+            for (slot, &b) in chunk.iter().enumerate() {
+                let off = slot * crate::pdata::BLOCK_SIZE;
+                let res = match failed[slot].take() {
+                    Some(e) => Err(e),
+                    None => self
+                        .walker
+                        .check_leaf(b, &buf[off..off + crate::pdata::BLOCK_SIZE], 8),
+                };
+                match res {
+                    Ok(node) => {
+                        self.nr_entries[b as usize].store(node.nr_entries() as u8, Relaxed);
+                        let is_root = self.root_leaves.binary_search(&b).is_ok();
+                        if let Some(i) = self.walker.leaf_fill_issue(&node, is_root) {
+                            w.fill_issues.push((b, i));
+                        }
+                        w.scan.scan_leaf(b, &node, &mut runs);
+                    }
+                    Err(e) => w.leaf_errors.push((b, e)),
+                }
+            }
+            mine.clear();
+            let mut theirs = Vec::with_capacity(runs.len());
+            route_runs(&runs, self.split.stripe_shift, id, &mut mine, &mut theirs);
+            // A send fails only when the other worker is gone (a panic,
+            // passed on when it is joined).
+            to_other.send(theirs).ok();
+            count_runs(&mut w.counts, &mine);
+            while let Ok(r) = from_other.try_recv() {
+                count_runs(&mut w.counts, &r);
+            }
+            let done = self.done.fetch_add(chunk.len() as u64, Relaxed) + chunk.len() as u64;
+            progress(done);
+        }
+        drop(to_other);
+        for r in from_other {
+            count_runs(&mut w.counts, &r);
+        }
+        w
+    }
+}
+
 struct DeviceWalk {
     dev: ThinDevice,
     leaves: TreeLeaves,
@@ -276,6 +424,15 @@ pub fn check(
     dev: &BlockDevice,
     opts: &CheckOptions,
     progress: &mut dyn FnMut(u64, u64),
+) -> CheckReport {
+    check_split(dev, opts, progress, SPLIT)
+}
+
+fn check_split(
+    dev: &BlockDevice,
+    opts: &CheckOptions,
+    progress: &mut dyn FnMut(u64, u64),
+    split: Split,
 ) -> CheckReport {
     let mut report = CheckReport::default();
     let mut sb = match read_superblock(dev, SUPERBLOCK_LOCATION) {
@@ -408,73 +565,64 @@ pub fn check(
         .map(|w| w.dev.root)
         .collect();
     root_leaves.sort_unstable();
-    let mut nr_entries = vec![u8::MAX; dev.nr_blocks() as usize]; // u8::MAX = unread or damaged
+    // Per leaf block: its number of entries; u8::MAX = unread or damaged.
+    let nr_entries: Vec<AtomicU8> = (0..dev.nr_blocks())
+        .map(|_| AtomicU8::new(u8::MAX))
+        .collect();
     let total = fresh.len() as u64;
-    let mut leaf_errors: Vec<(u64, PError)> = Vec::new();
-    let mut fill_issues = Vec::new();
-    let mut scan = DataScan::new(nr_data_blocks, sb.time);
-    // Two threads: this one reads and validates leaves (pread, checksum,
-    // node checks, key ranges) in sorted batches and turns each batch's
-    // mappings into runs of data blocks; the other counts the runs (bound
-    // by memory latency: fragmented data). What crosses between the cores
-    // is ~8 bytes a run, not the leaves' 4 KiB.
-    let counted = std::thread::scope(|scope| {
-        let (to_counter, batches) = std::sync::mpsc::sync_channel::<Vec<u64>>(2);
-        let (give_back, spare) = std::sync::mpsc::channel::<Vec<u64>>();
-        let counter = scope.spawn(move || {
-            let mut counts = RefCounts::new(nr_data_blocks);
-            for runs in batches {
-                count_runs(&mut counts, &runs);
-                give_back.send(runs).ok();
-            }
-            counts
-        });
-        let mut buf = vec![0u8; LEAF_BATCH * crate::pdata::BLOCK_SIZE];
-        let mut failed = Vec::new();
-        let mut done = 0u64;
-        for chunk in fresh.chunks(LEAF_BATCH) {
-            let mut runs = spare.try_recv().unwrap_or_default();
-            runs.clear();
-            dev.read_sorted(chunk, &mut buf, &mut failed);
-            for (slot, &b) in chunk.iter().enumerate() {
-                let off = slot * crate::pdata::BLOCK_SIZE;
-                let res = match failed[slot].take() {
-                    Some(e) => Err(e),
-                    None => walker.check_leaf(b, &buf[off..off + crate::pdata::BLOCK_SIZE], 8),
-                };
-                match res {
-                    Ok(node) => {
-                        nr_entries[b as usize] = node.nr_entries() as u8;
-                        let is_root = root_leaves.binary_search(&b).is_ok();
-                        if let Some(i) = walker.leaf_fill_issue(&node, is_root) {
-                            fill_issues.push((b, i));
-                        }
-                        scan.scan_leaf(b, &node, &mut runs);
-                    }
-                    Err(e) => leaf_errors.push((b, e)),
-                }
-            }
-            done += chunk.len() as u64;
-            progress(done, total);
-            if to_counter.send(runs).is_err() {
-                break; // the counter died; join() below reports it
-            }
-        }
-        drop(to_counter);
-        counter.join()
+    let done = AtomicU64::new(0);
+    let ctx = LeafContext {
+        dev,
+        walker: &walker,
+        root_leaves: &root_leaves,
+        nr_entries: &nr_entries,
+        nr_data_blocks,
+        sb_time: sb.time,
+        split,
+        done: &done,
+    };
+    // Two threads, each reading and validating every other batch of leaves
+    // (pread, checksum, node checks, key ranges) and turning its mappings
+    // into runs of data blocks. Each counts the runs that fall into its own
+    // stripes of the data device and sends the others' runs across (8
+    // bytes a run): so both cores share the reading and the counting, which
+    // is bound by memory latency (fragmented data), and each count has one
+    // writer.
+    let batches = fresh.chunks(split.leaf_batch);
+    let (to_upper, from_lower) = std::sync::mpsc::channel::<Vec<u64>>();
+    let (to_lower, from_upper) = std::sync::mpsc::channel::<Vec<u64>>();
+    let (lower, upper) = std::thread::scope(|scope| {
+        let ctx = &ctx;
+        let theirs = batches.clone().skip(1).step_by(2);
+        let upper = scope.spawn(move || ctx.work(1, theirs, to_lower, from_lower, &mut |_| {}));
+        let mine = batches.step_by(2);
+        let lower = ctx.work(0, mine, to_upper, from_upper, &mut |d| progress(d, total));
+        (lower, upper.join())
     });
     progress(total, total);
-    let data_counts = match counted {
-        Ok(c) => c,
+    let upper = match upper {
+        Ok(u) => u,
         Err(p) => std::panic::resume_unwind(p),
     };
+    let LeafWork {
+        counts: mut data_counts,
+        scan,
+        mut leaf_errors,
+        mut fill_issues,
+    } = lower;
+    data_counts.absorb(upper.counts);
+    leaf_errors.extend(upper.leaf_errors);
+    leaf_errors.sort_by_key(|(b, _)| *b);
+    fill_issues.extend(upper.fill_issues);
+    fill_issues.sort_by_key(|(b, _)| *b);
     let DataScan {
         nr_beyond,
         beyond,
         nr_future,
         future,
         ..
-    } = scan;
+    } = scan.merge(upper.scan);
+    let nr_entries: Vec<u8> = nr_entries.into_iter().map(AtomicU8::into_inner).collect();
 
     // Name the device a damaged leaf belongs to.
     let owner = |leaf: u64| -> String {
@@ -825,6 +973,143 @@ mod tests {
             b[o..o + 8].copy_from_slice(&v.to_le_bytes());
         }
         b
+    }
+
+    /// A pool restored from XML onto a temporary file of `blocks` blocks.
+    fn pool(xml: String, blocks: u64) -> tempfile::NamedTempFile {
+        use crate::pdata::io::OpenMode;
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file()
+            .set_len(blocks * crate::pdata::BLOCK_SIZE as u64)
+            .unwrap();
+        let dev = BlockDevice::open(f.path(), OpenMode::ReadWriteExclusive).unwrap();
+        crate::thin::restore::restore_xml(&dev, Default::default(), |_| {
+            Ok(Box::new(std::io::Cursor::new(xml.clone().into_bytes()))
+                as Box<dyn std::io::Read + Send>)
+        })
+        .unwrap();
+        f
+    }
+
+    /// The two leaf workers, taking alternate leaves and sending each other
+    /// the runs in the other's stripes, report what one worker taking every
+    /// leaf reports, and count the same: a pool with shared and scattered
+    /// data, then leaves with a bad checksum, blocks beyond the data device
+    /// and times after the pool's in leaves of both workers.
+    #[test]
+    fn two_workers_check_as_one() {
+        use crate::pdata::checksum::{seal, BlockKind};
+        use crate::pdata::io::OpenMode;
+        use std::os::unix::fs::FileExt;
+        let nr_data = 40_000u64;
+        let mut xml = format!(
+            "<superblock uuid=\"\" time=\"5\" transaction=\"1\" version=\"2\" data_block_size=\"128\" nr_data_blocks=\"{nr_data}\">\n"
+        );
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for dev in 0..3u64 {
+            xml += &format!("<device dev_id=\"{dev}\" mapped_blocks=\"3000\" transaction=\"0\" creation_time=\"0\" snap_time=\"0\">\n");
+            let mut block = 0u64;
+            for v in 0..3000u64 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Runs of a few blocks at scattered places; devices 1 and 2
+                // share some of device 0's blocks.
+                block = if x % 5 == 0 {
+                    x % (nr_data - 1)
+                } else {
+                    (block + 1) % nr_data
+                };
+                xml += &format!(
+                    "<single_mapping origin_block=\"{v}\" data_block=\"{block}\" time=\"{}\"/>\n",
+                    x % 6
+                );
+            }
+            xml += "</device>\n";
+        }
+        xml += "</superblock>\n";
+        let f = pool(xml, 400);
+        let one = Split {
+            leaf_batch: 1 << 20,
+            stripe_shift: 63,
+        };
+        let two = Split {
+            leaf_batch: 1,
+            stripe_shift: 4,
+        };
+        let opts = CheckOptions {
+            keep_counts: true,
+            ..Default::default()
+        };
+        let same = |what: &str| {
+            let dev = BlockDevice::open(f.path(), OpenMode::ReadOnly).unwrap();
+            let a = check_split(&dev, &opts, &mut |_, _| {}, one);
+            let b = check_split(&dev, &opts, &mut |_, _| {}, two);
+            assert_eq!(
+                format!("{:?}", a.findings),
+                format!("{:?}", b.findings),
+                "{what}"
+            );
+            assert_eq!(
+                (a.data_leaks, a.metadata_leaks),
+                (b.data_leaks, b.metadata_leaks)
+            );
+            if let (Some(ca), Some(cb)) = (&a.counts, &b.counts) {
+                for blk in 0..nr_data {
+                    assert_eq!(
+                        ca.data.get(blk),
+                        cb.data.get(blk),
+                        "{what}: data block {blk}"
+                    );
+                }
+            }
+            a
+        };
+        let clean = same("clean pool");
+        assert!(clean.findings.is_empty(), "{:?}", clean.findings);
+        assert!((0..nr_data).any(|b| clean.counts.as_ref().unwrap().data.get(b) > 1));
+
+        // Damage mapping leaves (the leaves with many entries), every third
+        // one in turn: beyond the data device, a time after the pool's, a
+        // bad checksum.
+        let mut img = std::fs::read(f.path()).unwrap();
+        let bs = crate::pdata::BLOCK_SIZE;
+        let mut leaves = Vec::new();
+        for b in 1..img.len() / bs {
+            let data = &img[b * bs..(b + 1) * bs];
+            if let Ok(n) = crate::pdata::btree::Node::parse(b as u64, data, 8) {
+                if n.is_leaf() && n.nr_entries() > 10 {
+                    leaves.push(b);
+                }
+            }
+        }
+        assert!(leaves.len() > 12, "{} leaves", leaves.len());
+        for (i, &b) in leaves.iter().enumerate() {
+            let blk = &mut img[b * bs..(b + 1) * bs];
+            let max = u32::from_le_bytes(blk[20..24].try_into().unwrap()) as usize;
+            let v = NODE_HEADER_SIZE + 8 * max + 8 * (i % 7);
+            let bt = BlockTime::unpack(u64::from_le_bytes(blk[v..v + 8].try_into().unwrap()));
+            let value = match i % 3 {
+                0 => (nr_data + i as u64) << 24 | bt.time as u64,
+                1 => bt.block << 24 | 9,
+                _ => {
+                    blk[100] ^= 1;
+                    continue;
+                }
+            };
+            blk[v..v + 8].copy_from_slice(&value.to_le_bytes());
+            seal(blk, BlockKind::BTreeNode);
+        }
+        f.as_file().write_all_at(&img, 0).unwrap();
+        let damaged = same("damaged leaves");
+        let text = format!("{:?}", damaged.findings);
+        assert!(
+            text.contains("beyond the")
+                && text.contains("after the pool")
+                && text.contains("checksum"),
+            "{text}"
+        );
+        assert!(text.contains("more mappings point beyond"), "{text}");
     }
 
     /// The runs a leaf is scanned into count exactly what counting each
