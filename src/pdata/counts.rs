@@ -11,6 +11,9 @@
 //! So a pool with little sharing costs about nr_blocks / 4 bytes, and a
 //! heavily shared one (most blocks referenced by an origin and its
 //! snapshots) nr_blocks / 2 bytes rather than a byte or more a block.
+//! Chunks live in fixed slots of 2 MiB slabs (see [`Slab`]); where the
+//! kernel backs a slab with a huge page, a slab with any count in it costs
+//! its whole 2 MiB.
 
 use std::collections::HashMap;
 
@@ -20,27 +23,103 @@ const CHUNK: u64 = 1 << CHUNK_SHIFT;
 const CHUNK_MASK: u64 = CHUNK - 1;
 /// 64-bit words of a narrow (2-bit) chunk.
 const NARROW_WORDS: usize = (CHUNK / 32) as usize;
-/// 64-bit words of a wide (4-bit) chunk.
+/// 64-bit words of a wide (4-bit) chunk, and of a chunk's slot in a slab.
 const WIDE_WORDS: usize = (CHUNK / 16) as usize;
+/// Chunks per slab: 64 slots of 32 KiB, one 2 MiB huge page.
+pub const SLAB_CHUNKS: usize = 64;
+/// Blocks per slab (4 Mi): counts filled by two threads are split on
+/// multiples of this (see [`RefCounts::absorb`]).
+pub const SLAB_SHIFT: u32 = CHUNK_SHIFT + 6;
+const HUGE_PAGE: usize = 2 << 20;
 /// A nibble of this value means: look in the overflow map.
 const BIG: u64 = 15;
 /// The low bit of every 2-bit field / nibble.
 const LO2: u64 = 0x5555_5555_5555_5555;
 const LO4: u64 = 0x1111_1111_1111_1111;
 
-#[derive(Debug, Clone)]
-enum Chunk {
-    /// Every count is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Width {
+    /// Every count is 0 (the chunk's slot may not exist).
     Zero,
-    /// Counts 0..=2, two bits each (bit 2i = low bit of block i of the word).
-    Narrow(Box<[u64]>),
+    /// Counts 0..=2, two bits each (bit 2i = low bit of block i of the
+    /// word), in the first half of the chunk's slot.
+    Narrow,
     /// Counts 0..=14, four bits each; 15 = see the overflow map.
-    Wide(Box<[u64]>),
+    Wide,
+}
+
+/// The memory of up to [`SLAB_CHUNKS`] chunks, a slot of [`WIDE_WORDS`]
+/// each, zeroed. Counting references to fragmented data touches counts at
+/// random over hundreds of MiB: with 4 KiB pages nearly every touch misses
+/// the TLB too (a page walk, dearer still in a VM). So a full slab sits in
+/// one 2 MiB-aligned stretch the kernel is asked to back with a huge page
+/// (where transparent huge pages are off it is ordinary memory, paid for
+/// page by page as it is touched).
+#[derive(Debug)]
+struct Slab {
+    /// Zeroed by the allocator (fresh pages: untouched parts cost nothing).
+    mem: Box<[u64]>,
+    /// Word offset of slot 0 in `mem`.
+    base: usize,
+    slots: usize,
+}
+
+impl Slab {
+    fn new(slots: usize) -> Slab {
+        let words = slots * WIDE_WORDS;
+        if slots < SLAB_CHUNKS {
+            return Slab {
+                mem: vec![0u64; words].into_boxed_slice(),
+                base: 0,
+                slots,
+            };
+        }
+        // Room to start at a 2 MiB boundary; the slack is never touched.
+        let mem = vec![0u64; words + HUGE_PAGE / 8].into_boxed_slice();
+        let addr = mem.as_ptr() as usize;
+        let base = (addr.next_multiple_of(HUGE_PAGE) - addr) / 8;
+        #[cfg(target_os = "linux")]
+        // SAFETY: the range lies inside `mem`; advice changes no contents.
+        unsafe {
+            libc::madvise(
+                mem.as_ptr().add(base) as *mut libc::c_void,
+                words * 8,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+        Slab { mem, base, slots }
+    }
+
+    #[inline(always)]
+    fn slot(&self, i: usize) -> &[u64] {
+        let at = self.base + i * WIDE_WORDS;
+        &self.mem[at..at + WIDE_WORDS]
+    }
+
+    #[inline(always)]
+    fn slot_mut(&mut self, i: usize) -> &mut [u64] {
+        let at = self.base + i * WIDE_WORDS;
+        &mut self.mem[at..at + WIDE_WORDS]
+    }
+}
+
+impl Clone for Slab {
+    /// A copy of the slots only (the alignment slack stays untouched).
+    fn clone(&self) -> Slab {
+        let mut s = Slab::new(self.slots);
+        for i in 0..self.slots {
+            s.slot_mut(i).copy_from_slice(self.slot(i));
+        }
+        s
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct RefCounts {
-    chunks: Vec<Chunk>,
+    widths: Vec<Width>,
+    /// Slab `i` holds chunks `i * SLAB_CHUNKS ..`; allocated at the first
+    /// count in any of them.
+    slabs: Vec<Option<Slab>>,
     /// Counts of 15 or more.
     overflow: HashMap<u64, u32>,
     nr_blocks: u64,
@@ -84,8 +163,10 @@ fn field_mask(first: u64, n: u64, width: u64) -> u64 {
 
 impl RefCounts {
     pub fn new(nr_blocks: u64) -> RefCounts {
+        let nr_chunks = nr_blocks.div_ceil(CHUNK) as usize;
         RefCounts {
-            chunks: vec![Chunk::Zero; nr_blocks.div_ceil(CHUNK) as usize],
+            widths: vec![Width::Zero; nr_chunks],
+            slabs: (0..nr_chunks.div_ceil(SLAB_CHUNKS)).map(|_| None).collect(),
             overflow: HashMap::new(),
             nr_blocks,
         }
@@ -95,17 +176,50 @@ impl RefCounts {
         self.nr_blocks
     }
 
-    /// Make chunk `c` wide (4 bits a block), keeping its counts.
+    /// The slot of chunk `c` (zeroes when its slab does not exist).
+    #[inline(always)]
+    fn slot(&self, c: usize) -> &[u64] {
+        static ZEROES: [u64; WIDE_WORDS] = [0; WIDE_WORDS];
+        match &self.slabs[c / SLAB_CHUNKS] {
+            Some(s) => s.slot(c % SLAB_CHUNKS),
+            None => &ZEROES,
+        }
+    }
+
+    /// The slot of chunk `c`, its slab allocated when missing.
+    #[inline(always)]
+    fn slot_mut(&mut self, c: usize) -> &mut [u64] {
+        let nr_chunks = self.widths.len();
+        let s = c / SLAB_CHUNKS;
+        self.slabs[s]
+            .get_or_insert_with(|| Slab::new(SLAB_CHUNKS.min(nr_chunks - s * SLAB_CHUNKS)))
+            .slot_mut(c % SLAB_CHUNKS)
+    }
+
+    /// Chunk `c`, made at least narrow, with its words.
+    #[inline(always)]
+    fn touch(&mut self, c: usize) -> (Width, &mut [u64]) {
+        if self.widths[c] == Width::Zero {
+            self.widths[c] = Width::Narrow;
+        }
+        let w = self.widths[c];
+        (w, self.slot_mut(c))
+    }
+
+    /// Make chunk `c` wide (4 bits a block), keeping its counts: in place,
+    /// from the last word down, so no narrow word is overwritten unread.
     #[cold]
     fn widen(&mut self, c: usize) {
-        let mut wide = vec![0u64; WIDE_WORDS].into_boxed_slice();
-        if let Chunk::Narrow(n) = &self.chunks[c] {
-            for (i, &w) in n.iter().enumerate() {
-                wide[2 * i] = two_bit_to_nibbles(w);
-                wide[2 * i + 1] = two_bit_to_nibbles(w >> 32);
+        let was = self.widths[c];
+        self.widths[c] = Width::Wide;
+        let slot = self.slot_mut(c);
+        if was == Width::Narrow {
+            for i in (0..NARROW_WORDS).rev() {
+                let w = slot[i];
+                slot[2 * i + 1] = two_bit_to_nibbles(w >> 32);
+                slot[2 * i] = two_bit_to_nibbles(w);
             }
         }
-        self.chunks[c] = Chunk::Wide(wide);
     }
 
     /// Count of block `b` (0 beyond the end).
@@ -114,12 +228,13 @@ impl RefCounts {
         if b >= self.nr_blocks {
             return 0;
         }
-        let off = b & CHUNK_MASK;
-        match &self.chunks[(b >> CHUNK_SHIFT) as usize] {
-            Chunk::Zero => 0,
-            Chunk::Narrow(w) => ((w[(off / 32) as usize] >> ((off % 32) * 2)) & 3) as u32,
-            Chunk::Wide(w) => {
-                let v = (w[(off / 16) as usize] >> ((off % 16) * 4)) & 15;
+        let c = (b >> CHUNK_SHIFT) as usize;
+        let off = (b & CHUNK_MASK) as usize;
+        match self.widths[c] {
+            Width::Zero => 0,
+            Width::Narrow => ((self.slot(c)[off / 32] >> ((off % 32) * 2)) & 3) as u32,
+            Width::Wide => {
+                let v = (self.slot(c)[off / 16] >> ((off % 16) * 4)) & 15;
                 if v == BIG {
                     self.overflow.get(&b).copied().unwrap_or(BIG as u32)
                 } else {
@@ -135,12 +250,14 @@ impl RefCounts {
     pub fn prefetch(&self, b: u64) {
         #[cfg(target_arch = "x86_64")]
         if b < self.nr_blocks {
+            let c = (b >> CHUNK_SHIFT) as usize;
             let off = (b & CHUNK_MASK) as usize;
-            let p: *const u64 = match &self.chunks[(b >> CHUNK_SHIFT) as usize] {
-                Chunk::Zero => return,
-                Chunk::Narrow(w) => &w[off / 32],
-                Chunk::Wide(w) => &w[off / 16],
+            let word = match self.widths[c] {
+                Width::Zero => return,
+                Width::Narrow => off / 32,
+                Width::Wide => off / 16,
             };
+            let p: *const u64 = &self.slot(c)[word];
             // SAFETY: prefetching is a hint; any address is allowed.
             unsafe {
                 std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0)
@@ -158,14 +275,11 @@ impl RefCounts {
             return 0;
         }
         let c = (b >> CHUNK_SHIFT) as usize;
-        let off = b & CHUNK_MASK;
+        let off = (b & CHUNK_MASK) as usize;
         loop {
-            match &mut self.chunks[c] {
-                Chunk::Zero => {
-                    self.chunks[c] = Chunk::Narrow(vec![0u64; NARROW_WORDS].into_boxed_slice());
-                }
-                Chunk::Narrow(w) => {
-                    let word = &mut w[(off / 32) as usize];
+            match self.touch(c) {
+                (Width::Narrow, w) => {
+                    let word = &mut w[off / 32];
                     let sh = (off % 32) * 2;
                     let s = (*word >> sh) & 3;
                     if s < 2 {
@@ -174,8 +288,8 @@ impl RefCounts {
                     }
                     self.widen(c);
                 }
-                Chunk::Wide(w) => {
-                    let word = &mut w[(off / 16) as usize];
+                (_, w) => {
+                    let word = &mut w[off / 16];
                     let sh = (off % 16) * 4;
                     let v = (*word >> sh) & 15;
                     if v < BIG - 1 {
@@ -207,14 +321,10 @@ impl RefCounts {
         while b < end {
             let c = (b >> CHUNK_SHIFT) as usize;
             let chunk_end = ((c as u64 + 1) << CHUNK_SHIFT).min(end);
-            if let Chunk::Zero = self.chunks[c] {
-                self.chunks[c] = Chunk::Narrow(vec![0u64; NARROW_WORDS].into_boxed_slice());
-            }
             while b < chunk_end {
                 let off = b & CHUNK_MASK;
-                match &mut self.chunks[c] {
-                    Chunk::Zero => unreachable!("allocated above"),
-                    Chunk::Narrow(w) => {
+                match self.touch(c) {
+                    (Width::Narrow, w) => {
                         let first = off % 32;
                         let n = (32 - first).min(chunk_end - b);
                         let m = field_mask(first, n, 2);
@@ -227,7 +337,7 @@ impl RefCounts {
                         *word += m;
                         b += n;
                     }
-                    Chunk::Wide(w) => {
+                    (_, w) => {
                         let first = off % 16;
                         let n = (16 - first).min(chunk_end - b);
                         let m = field_mask(first, n, 4);
@@ -248,31 +358,37 @@ impl RefCounts {
     }
 
     /// Add `other`'s counts to these. Made for counts filled by two
-    /// threads from disjoint ranges of blocks: a chunk only one side
-    /// counted in is moved over as it is; a chunk both counted in is added
-    /// block by block.
+    /// threads from disjoint ranges of blocks: a slab (4 Mi blocks, see
+    /// [`SLAB_SHIFT`]) only one side counted in is moved over as it is;
+    /// a slab both counted in is added block by block.
     pub fn absorb(&mut self, mut other: RefCounts) {
         assert_eq!(self.nr_blocks, other.nr_blocks, "counts of different sizes");
         let mut both = Vec::new();
-        for c in 0..self.chunks.len() {
-            match (&self.chunks[c], &other.chunks[c]) {
-                (_, Chunk::Zero) => {}
-                (Chunk::Zero, _) => {
-                    self.chunks[c] = std::mem::replace(&mut other.chunks[c], Chunk::Zero)
+        for s in 0..self.slabs.len() {
+            match (&self.slabs[s], other.slabs[s].take()) {
+                (_, None) => {}
+                (None, theirs) => {
+                    self.slabs[s] = theirs;
+                    let chunks = s * SLAB_CHUNKS..((s + 1) * SLAB_CHUNKS).min(self.widths.len());
+                    self.widths[chunks.clone()].copy_from_slice(&other.widths[chunks.clone()]);
+                    other.widths[chunks].fill(Width::Zero);
                 }
-                _ => both.push(c),
+                (Some(_), theirs) => {
+                    other.slabs[s] = theirs;
+                    both.push(s);
+                }
             }
         }
-        // Counts of 15 or more in the chunks moved over come along; those
-        // in chunks both sides counted in are added with the rest below.
+        // Counts of 15 or more in the slabs moved over come along; those
+        // in slabs both sides counted in are added with the rest below.
         for (&b, &n) in &other.overflow {
-            if matches!(other.chunks[(b >> CHUNK_SHIFT) as usize], Chunk::Zero) {
+            if other.slabs[(b >> SLAB_SHIFT) as usize].is_none() {
                 self.overflow.insert(b, n);
             }
         }
-        for c in both {
-            let first = c as u64 * CHUNK;
-            for b in first..(first + CHUNK).min(self.nr_blocks) {
+        for s in both {
+            let first = (s as u64) << SLAB_SHIFT;
+            for b in first..(first + (1 << SLAB_SHIFT)).min(self.nr_blocks) {
                 let n = other.get(b);
                 if n > 0 {
                     self.set(b, self.get(b).saturating_add(n));
@@ -297,22 +413,21 @@ impl RefCounts {
             return;
         }
         let c = (b >> CHUNK_SHIFT) as usize;
-        let off = b & CHUNK_MASK;
+        let off = (b & CHUNK_MASK) as usize;
+        if count == 0 && self.widths[c] == Width::Zero {
+            return;
+        }
         loop {
-            match &mut self.chunks[c] {
-                Chunk::Zero if count == 0 => return,
-                Chunk::Zero => {
-                    self.chunks[c] = Chunk::Narrow(vec![0u64; NARROW_WORDS].into_boxed_slice());
-                }
-                Chunk::Narrow(w) if count < 3 => {
-                    let word = &mut w[(off / 32) as usize];
+            match self.touch(c) {
+                (Width::Narrow, w) if count < 3 => {
+                    let word = &mut w[off / 32];
                     let sh = (off % 32) * 2;
                     *word = (*word & !(3 << sh)) | ((count as u64) << sh);
                     return;
                 }
-                Chunk::Narrow(_) => self.widen(c),
-                Chunk::Wide(w) => {
-                    let word = &mut w[(off / 16) as usize];
+                (Width::Narrow, _) => self.widen(c),
+                (_, w) => {
+                    let word = &mut w[off / 16];
                     let sh = (off % 16) * 4;
                     let v = (count as u64).min(BIG);
                     *word = (*word & !(15 << sh)) | (v << sh);
@@ -329,13 +444,11 @@ impl RefCounts {
 
     /// Blocks with counts of 3 or more, in block order, with their counts.
     pub fn overflow_iter(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
-        self.chunks
+        self.widths
             .iter()
             .enumerate()
-            .filter_map(|(ci, c)| match c {
-                Chunk::Wide(w) => Some((ci as u64 * CHUNK, w)),
-                _ => None,
-            })
+            .filter(|(_, w)| **w == Width::Wide)
+            .map(|(ci, _)| (ci as u64 * CHUNK, self.slot(ci)))
             .flat_map(move |(first, w)| {
                 w.iter().enumerate().flat_map(move |(wi, &x)| {
                     // Nibbles of 3 or more: bit 2 or 3 set, or both low bits.
@@ -371,10 +484,11 @@ impl RefCounts {
     pub fn word(&self, w: usize) -> u64 {
         let c = w / NARROW_WORDS;
         let i = w % NARROW_WORDS;
-        match self.chunks.get(c) {
-            None | Some(Chunk::Zero) => 0,
-            Some(Chunk::Narrow(n)) => n[i],
-            Some(Chunk::Wide(x)) => {
+        match self.widths.get(c) {
+            None | Some(Width::Zero) => 0,
+            Some(Width::Narrow) => self.slot(c)[i],
+            Some(Width::Wide) => {
+                let x = self.slot(c);
                 nibbles_to_2bit(x[2 * i]) | (nibbles_to_2bit(x[2 * i + 1]) << 32)
             }
         }
@@ -382,16 +496,18 @@ impl RefCounts {
 
     /// Number of blocks with a non-zero count.
     pub fn nr_allocated(&self) -> u64 {
-        self.chunks
+        self.widths
             .iter()
-            .map(|c| match c {
-                Chunk::Zero => 0,
+            .enumerate()
+            .map(|(c, w)| match w {
+                Width::Zero => 0,
                 // A field is non-zero when any of its bits is set.
-                Chunk::Narrow(n) => n
+                Width::Narrow => self.slot(c)[..NARROW_WORDS]
                     .iter()
                     .map(|w| ((w | (w >> 1)) & LO2).count_ones() as u64)
                     .sum(),
-                Chunk::Wide(x) => x
+                Width::Wide => self
+                    .slot(c)
                     .iter()
                     .map(|w| ((w | (w >> 1) | (w >> 2) | (w >> 3)) & LO4).count_ones() as u64)
                     .sum(),
@@ -501,6 +617,51 @@ mod tests {
         assert!(both.get(CHUNK + 1) > 15 && both.get(3 * CHUNK + 1) > 15 && both.get(1) > 15);
         assert_eq!(a.overflow_sorted(), both.overflow_sorted());
         assert_eq!(a.nr_allocated(), both.nr_allocated());
+    }
+
+    /// Counts in a full 2 MiB slab (the aligned, huge-page path) and a
+    /// short last slab: widened in place, copied by clone, and slabs moved
+    /// whole by absorb when only one side counted in them.
+    #[test]
+    fn full_slabs_keep_counts() {
+        let n = (SLAB_CHUNKS as u64 + 5) * CHUNK + 7;
+        let mut want: HashMap<u64, u32> = HashMap::new();
+        let (mut lower, mut upper) = (RefCounts::new(n), RefCounts::new(n));
+        let mut x = 4242u64;
+        for step in 0..200_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let b = match step % 3 {
+                0 => x % 500 + 70 * CHUNK / 2,
+                1 => n - 1 - x % 300,
+                _ => x % n,
+            };
+            let len = if step % 2 == 0 { 1 } else { (x >> 40) % 40 };
+            // Blocks of slab 0 go to `lower`, the rest to `upper`.
+            let c = if b >> SLAB_SHIFT == 0 {
+                &mut lower
+            } else {
+                &mut upper
+            };
+            c.inc_run(b, len);
+            for blk in b..(b + len).min(n) {
+                *want.entry(blk).or_default() += 1;
+            }
+        }
+        let copy = upper.clone();
+        lower.absorb(upper);
+        assert!(want.values().any(|&v| v > 15));
+        for (&b, &v) in &want {
+            assert_eq!(lower.get(b), v, "block {b}");
+            if b >> SLAB_SHIFT > 0 {
+                assert_eq!(copy.get(b), v, "copy, block {b}");
+            }
+        }
+        assert_eq!(lower.nr_allocated(), want.len() as u64);
+        let mut over: Vec<(u64, u32)> = want.into_iter().filter(|&(_, v)| v >= 3).collect();
+        over.sort_unstable();
+        assert_eq!(lower.overflow_sorted(), over);
     }
 
     /// Against a plain array: every width (zero, narrow, wide, overflow),

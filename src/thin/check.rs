@@ -280,9 +280,9 @@ fn count_runs(counts: &mut RefCounts, runs: &[u64]) {
 }
 
 /// Blocks per stripe of the data device: the two leaf workers each count
-/// the references into every other stripe (1 Mi blocks, whole chunks of
-/// the counts).
-const STRIPE_SHIFT: u32 = 20;
+/// the references into every other stripe. A stripe is a slab of the
+/// counts (4 Mi blocks), so each slab has one owner and is allocated once.
+const STRIPE_SHIFT: u32 = crate::pdata::counts::SLAB_SHIFT;
 
 /// How a check splits its work between the two leaf workers (tests make
 /// both small, so that small pools take every path).
