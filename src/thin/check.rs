@@ -146,8 +146,7 @@ const MAX_LISTED: usize = 10;
 /// Mapping leaves read and validated per batch (2 MiB).
 const LEAF_BATCH: usize = 512;
 
-/// A run of consecutive data blocks on its way to the counting thread,
-/// packed as `start << RUN_LEN_BITS | length` (data blocks are 40-bit).
+/// A run of consecutive data blocks on its way to be counted, packed as `start << RUN_LEN_BITS | length` (data blocks are 40-bit).
 const RUN_LEN_BITS: u32 = 24;
 const MAX_RUN: u64 = (1 << RUN_LEN_BITS) - 1;
 
@@ -157,7 +156,7 @@ const MAX_RUN: u64 = (1 << RUN_LEN_BITS) - 1;
 const MAX_LEAF_ENTRIES: usize =
     (crate::pdata::BLOCK_SIZE - crate::pdata::btree::NODE_HEADER_SIZE) / 16;
 
-/// How many runs ahead the counting thread asks for counts.
+/// How many runs ahead [`count_runs`] asks for counts.
 const PREFETCH_AHEAD: usize = 16;
 
 /// What the mapping leaves' values say besides the counts: mappings beyond
@@ -188,10 +187,10 @@ impl DataScan {
     /// Append the runs of consecutive data blocks that leaf `b` (accepted
     /// by [`Walker::check_leaf`]) maps to `runs`, packed.
     ///
-    /// Mappings come in runs at scattered places (fragmented data); the
-    /// counting thread counts a run a word at a time. This runs once per
-    /// mapping (883 M times on a 16 GiB pool), on the thread that just read
-    /// the leaf (its bytes are in this core's cache); see [`run_starts`].
+    /// Mappings come in runs at scattered places (fragmented data); a run
+    /// is counted a word at a time. This runs once per mapping (883 M times
+    /// on a 16 GiB pool), on the thread that just read the leaf (its bytes
+    /// are in this core's cache); see [`run_starts`].
     /// Bad values (beyond the data device, after the pool's time) are rare:
     /// the scan only notices them, a second look lists them. Blocks beyond
     /// the data device stay in the runs: counting ignores them.
@@ -692,18 +691,22 @@ fn check_split(
     // is bound by memory latency (fragmented data), and each count has one
     // writer.
     let batches = fresh.chunks(split.leaf_batch);
-    let (to_upper, from_lower) = std::sync::mpsc::channel::<Vec<u64>>();
-    let (to_lower, from_upper) = std::sync::mpsc::channel::<Vec<u64>>();
-    let (lower, upper) = std::thread::scope(|scope| {
+    // Worker 0 (this thread) takes the even batches and counts the even
+    // stripes, worker 1 the odd ones.
+    let (to_odd, from_even) = std::sync::mpsc::channel::<Vec<u64>>();
+    let (to_even, from_odd) = std::sync::mpsc::channel::<Vec<u64>>();
+    let (even, odd) = std::thread::scope(|scope| {
         let ctx = &ctx;
-        let theirs = batches.clone().skip(1).step_by(2);
-        let upper = scope.spawn(move || ctx.work(1, theirs, to_lower, from_lower, &mut |_| {}));
-        let mine = batches.step_by(2);
-        let lower = ctx.work(0, mine, to_upper, from_upper, &mut |d| progress(d, total));
-        (lower, upper.join())
+        let odd_batches = batches.clone().skip(1).step_by(2);
+        let odd = scope.spawn(move || ctx.work(1, odd_batches, to_even, from_even, &mut |_| {}));
+        let even_batches = batches.step_by(2);
+        let even = ctx.work(0, even_batches, to_odd, from_odd, &mut |d| {
+            progress(d, total)
+        });
+        (even, odd.join())
     });
     progress(total, total);
-    let upper = match upper {
+    let odd = match odd {
         Ok(u) => u,
         Err(p) => std::panic::resume_unwind(p),
     };
@@ -712,11 +715,11 @@ fn check_split(
         scan,
         mut leaf_errors,
         mut fill_issues,
-    } = lower;
-    data_counts.absorb(upper.counts);
-    leaf_errors.extend(upper.leaf_errors);
+    } = even;
+    data_counts.absorb(odd.counts);
+    leaf_errors.extend(odd.leaf_errors);
     leaf_errors.sort_by_key(|(b, _)| *b);
-    fill_issues.extend(upper.fill_issues);
+    fill_issues.extend(odd.fill_issues);
     fill_issues.sort_by_key(|(b, _)| *b);
     let DataScan {
         nr_beyond,
@@ -724,7 +727,7 @@ fn check_split(
         nr_future,
         future,
         ..
-    } = scan.merge(upper.scan);
+    } = scan.merge(odd.scan);
     let nr_entries: Vec<u8> = nr_entries.into_iter().map(AtomicU8::into_inner).collect();
 
     // Name the device a damaged leaf belongs to.
