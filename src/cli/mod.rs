@@ -404,7 +404,7 @@ pub fn thin_failure(path: &Path, e: &crate::thin::Error) -> Failure {
         E::Metadata { source, .. } if source.is_io() => EXIT_IO,
         E::Metadata { .. } | E::Inconsistent(_) => EXIT_DAMAGED,
         E::NoMetadataSnap => EXIT_NO_INPUT,
-        E::Output(_) => EXIT_IO,
+        E::Output(_) | E::Thread(_) => EXIT_IO,
     };
     Failure::new(code, format!("{}: {e}", path.display()))
 }

@@ -394,11 +394,15 @@ struct Split {
     leaf_batch: usize,
     /// log2 of the blocks in a stripe of the data device.
     stripe_shift: u32,
+    /// Run the second worker on a thread of its own (false: as when the
+    /// thread cannot be started).
+    second_thread: bool,
 }
 
 const SPLIT: Split = Split {
     leaf_batch: LEAF_BATCH,
     stripe_shift: STRIPE_SHIFT,
+    second_thread: true,
 };
 
 /// Split packed runs at stripe boundaries (stripes of `1 << shift` blocks)
@@ -425,6 +429,7 @@ fn route_runs(runs: &[u64], shift: u32, id: usize, mine: &mut Vec<u64>, theirs: 
 }
 
 /// What the two leaf workers share (read-only, or one writer per element).
+#[derive(Clone, Copy)]
 struct LeafContext<'a> {
     dev: &'a BlockDevice,
     walker: &'a Walker<'a>,
@@ -698,12 +703,41 @@ fn check_split(
     let (even, odd) = std::thread::scope(|scope| {
         let ctx = &ctx;
         let odd_batches = batches.clone().skip(1).step_by(2);
-        let odd = scope.spawn(move || ctx.work(1, odd_batches, to_even, from_even, &mut |_| {}));
-        let even_batches = batches.step_by(2);
-        let even = ctx.work(0, even_batches, to_odd, from_odd, &mut |d| {
-            progress(d, total)
-        });
-        (even, odd.join())
+        let spawned = if split.second_thread {
+            std::thread::Builder::new()
+                .spawn_scoped(scope, move || {
+                    ctx.work(1, odd_batches, to_even, from_even, &mut |_| {})
+                })
+                .ok()
+        } else {
+            None
+        };
+        match spawned {
+            Some(odd) => {
+                let even = ctx.work(0, batches.step_by(2), to_odd, from_odd, &mut |d| {
+                    progress(d, total)
+                });
+                (even, odd.join().map(Some))
+            }
+            None => {
+                // No second thread (a process limit): this one takes every
+                // batch and every stripe.
+                let alone = LeafContext {
+                    split: Split {
+                        stripe_shift: 63,
+                        ..split
+                    },
+                    ..*ctx
+                };
+                // A channel of its own: with one stripe nothing is sent,
+                // and its end is not held by a closure that never ran.
+                let (to_self, from_self) = std::sync::mpsc::channel::<Vec<u64>>();
+                let all = alone.work(0, batches.step_by(1), to_self, from_self, &mut |d| {
+                    progress(d, total)
+                });
+                (all, Ok(None))
+            }
+        }
     });
     progress(total, total);
     let odd = match odd {
@@ -712,14 +746,17 @@ fn check_split(
     };
     let LeafWork {
         counts: mut data_counts,
-        scan,
+        mut scan,
         mut leaf_errors,
         mut fill_issues,
     } = even;
-    data_counts.absorb(odd.counts);
-    leaf_errors.extend(odd.leaf_errors);
+    if let Some(odd) = odd {
+        data_counts.absorb(odd.counts);
+        leaf_errors.extend(odd.leaf_errors);
+        fill_issues.extend(odd.fill_issues);
+        scan = scan.merge(odd.scan);
+    }
     leaf_errors.sort_by_key(|(b, _)| *b);
-    fill_issues.extend(odd.fill_issues);
     fill_issues.sort_by_key(|(b, _)| *b);
     let DataScan {
         nr_beyond,
@@ -727,7 +764,7 @@ fn check_split(
         nr_future,
         future,
         ..
-    } = scan.merge(odd.scan);
+    } = scan;
     let nr_entries: Vec<u8> = nr_entries.into_iter().map(AtomicU8::into_inner).collect();
 
     // Name the device a damaged leaf belongs to.
@@ -1178,13 +1215,20 @@ mod tests {
         }
         xml += "</superblock>\n";
         let f = pool(xml, 400);
+        let alone = Split {
+            leaf_batch: 3,
+            stripe_shift: 4,
+            second_thread: false,
+        };
         let one = Split {
             leaf_batch: 1 << 20,
             stripe_shift: 63,
+            second_thread: true,
         };
         let two = Split {
             leaf_batch: 1,
             stripe_shift: 4,
+            second_thread: true,
         };
         let opts = CheckOptions {
             keep_counts: true,
@@ -1193,23 +1237,27 @@ mod tests {
         let same = |what: &str| {
             let dev = BlockDevice::open(f.path(), OpenMode::ReadOnly).unwrap();
             let a = check_split(&dev, &opts, &mut |_, _| {}, one);
-            let b = check_split(&dev, &opts, &mut |_, _| {}, two);
-            assert_eq!(
-                format!("{:?}", a.findings),
-                format!("{:?}", b.findings),
-                "{what}"
-            );
-            assert_eq!(
-                (a.data_leaks, a.metadata_leaks),
-                (b.data_leaks, b.metadata_leaks)
-            );
-            if let (Some(ca), Some(cb)) = (&a.counts, &b.counts) {
-                for blk in 0..nr_data {
-                    assert_eq!(
-                        ca.data.get(blk),
-                        cb.data.get(blk),
-                        "{what}: data block {blk}"
-                    );
+            // Two threads, and one thread taking both workers' batches (as
+            // when the second thread cannot be started).
+            for split in [two, alone] {
+                let b = check_split(&dev, &opts, &mut |_, _| {}, split);
+                assert_eq!(
+                    format!("{:?}", a.findings),
+                    format!("{:?}", b.findings),
+                    "{what} {split:?}"
+                );
+                assert_eq!(
+                    (a.data_leaks, a.metadata_leaks),
+                    (b.data_leaks, b.metadata_leaks)
+                );
+                if let (Some(ca), Some(cb)) = (&a.counts, &b.counts) {
+                    for blk in 0..nr_data {
+                        assert_eq!(
+                            ca.data.get(blk),
+                            cb.data.get(blk),
+                            "{what} {split:?}: data block {blk}"
+                        );
+                    }
                 }
             }
             a

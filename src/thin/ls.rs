@@ -253,37 +253,39 @@ fn count(
         let (tx, rx) = std::sync::mpsc::sync_channel::<LeafBatch>(2);
         // Counted batches go back to the reader to be refilled.
         let (back_tx, back_rx) = std::sync::mpsc::channel::<LeafBatch>();
-        let reader = scope.spawn(move || -> Result<(), Error> {
-            let mut batch = LeafBatch::default();
-            dev.read_in_order(leaves_ref, 512, |k, b, data| -> Result<(), Error> {
-                let node = data.and_then(|d| w.check_leaf(b, d, 8)).map_err(|e| {
-                    let ctx = match leaf_owner[b as usize] {
-                        o if (o as usize) < devs.len() => {
-                            format!("mapping tree of device {}", devs[o as usize].id)
-                        }
-                        _ => "mapping leaf shared by several devices".to_string(),
-                    };
-                    Error::metadata(ctx, e)
+        let reader = std::thread::Builder::new()
+            .spawn_scoped(scope, move || -> Result<(), Error> {
+                let mut batch = LeafBatch::default();
+                dev.read_in_order(leaves_ref, 512, |k, b, data| -> Result<(), Error> {
+                    let node = data.and_then(|d| w.check_leaf(b, d, 8)).map_err(|e| {
+                        let ctx = match leaf_owner[b as usize] {
+                            o if (o as usize) < devs.len() => {
+                                format!("mapping tree of device {}", devs[o as usize].id)
+                            }
+                            _ => "mapping leaf shared by several devices".to_string(),
+                        };
+                        Error::metadata(ctx, e)
+                    })?;
+                    let n = node.nr_entries();
+                    batch
+                        .leaves
+                        .push((k, n as u8, node.last_key().unwrap_or(0)));
+                    batch
+                        .blocks
+                        .extend((0..n).map(|i| BlockTime::unpack(node.value::<u64>(i)).block));
+                    if batch.leaves.len() >= LEAF_BATCH {
+                        let mut next = back_rx.try_recv().unwrap_or_default();
+                        next.leaves.clear();
+                        next.blocks.clear();
+                        // The counter stops receiving only when this thread is done.
+                        let _ = tx.send(std::mem::replace(&mut batch, next));
+                    }
+                    Ok(())
                 })?;
-                let n = node.nr_entries();
-                batch
-                    .leaves
-                    .push((k, n as u8, node.last_key().unwrap_or(0)));
-                batch
-                    .blocks
-                    .extend((0..n).map(|i| BlockTime::unpack(node.value::<u64>(i)).block));
-                if batch.leaves.len() >= LEAF_BATCH {
-                    let mut next = back_rx.try_recv().unwrap_or_default();
-                    next.leaves.clear();
-                    next.blocks.clear();
-                    // The counter stops receiving only when this thread is done.
-                    let _ = tx.send(std::mem::replace(&mut batch, next));
-                }
+                let _ = tx.send(batch);
                 Ok(())
-            })?;
-            let _ = tx.send(batch);
-            Ok(())
-        });
+            })
+            .map_err(Error::Thread)?;
         for batch in rx.iter() {
             let mut at = 0usize;
             for &(k, n, last) in &batch.leaves {

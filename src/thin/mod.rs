@@ -41,6 +41,9 @@ pub enum Error {
     Inconsistent(String),
     #[error("writing output: {0}")]
     Output(#[from] std::io::Error),
+    /// A worker thread could not be started (a process or memory limit).
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
 }
 
 impl Error {

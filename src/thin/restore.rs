@@ -703,7 +703,7 @@ pub fn pipelined<T: Send, E: Send>(
     let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Event>>(IN_FLIGHT);
     let (back, spare) = std::sync::mpsc::channel::<Vec<Event>>();
     std::thread::scope(|scope| {
-        let producer = scope.spawn(move || {
+        let producer = std::thread::Builder::new().spawn_scoped(scope, move || {
             let mut batcher = Batcher {
                 batch: Vec::with_capacity(BATCH),
                 tx,
@@ -714,6 +714,8 @@ pub fn pipelined<T: Send, E: Send>(
             let _ = batcher.flush();
             r
         });
+        let producer =
+            producer.map_err(|e| BuildError::InputIo(format!("cannot start a thread: {e}")))?;
         let mut built: io::Result<()> = Ok(());
         // Mappings are announced this many events ahead of their use, so
         // their data counts can be loaded while others are processed.

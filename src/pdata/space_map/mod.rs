@@ -396,11 +396,14 @@ impl DiskSpaceMap {
         } else {
             let mid = n / 2;
             let ((mut first, lo), (second, hi)) = std::thread::scope(|s| {
-                let upper = s.spawn(|| self.compare_bitmaps(dev, actual, mid..n));
+                let upper = std::thread::Builder::new()
+                    .spawn_scoped(s, || self.compare_bitmaps(dev, actual, mid..n));
                 let lower = self.compare_bitmaps(dev, actual, 0..mid);
-                match upper.join() {
-                    Ok(u) => (lower, u),
-                    Err(p) => std::panic::resume_unwind(p),
+                match upper.map(|u| u.join()) {
+                    Ok(Ok(u)) => (lower, u),
+                    Ok(Err(p)) => std::panic::resume_unwind(p),
+                    // No second thread (a process limit): this one does both.
+                    Err(_) => (lower, self.compare_bitmaps(dev, actual, mid..n)),
                 }
             });
             first.append(second);
