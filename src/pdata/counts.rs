@@ -473,6 +473,32 @@ impl RefCounts {
             .filter(move |&(b, _)| b < self.nr_blocks)
     }
 
+    /// How many blocks have counts of 3 or more (the length of
+    /// [`RefCounts::overflow_iter`], a popcount a word).
+    pub fn nr_overflow(&self) -> u64 {
+        self.widths
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| **w == Width::Wide)
+            .map(|(ci, _)| {
+                let first = ci as u64 * CHUNK;
+                self.slot(ci)
+                    .iter()
+                    .enumerate()
+                    .map(|(wi, &x)| {
+                        let mut big = ((x >> 2) | (x >> 3) | (x & (x >> 1))) & LO4;
+                        let b0 = first + wi as u64 * 16;
+                        let keep = self.nr_blocks.saturating_sub(b0);
+                        if keep < 16 {
+                            big &= (1u64 << (4 * keep)) - 1;
+                        }
+                        big.count_ones() as u64
+                    })
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     /// [`RefCounts::overflow_iter`], collected.
     pub fn overflow_sorted(&self) -> Vec<(u64, u32)> {
         self.overflow_iter().collect()
@@ -542,6 +568,7 @@ mod tests {
         c.set(34, 7);
         assert_eq!(c.get(34), 7);
         assert_eq!(c.overflow_sorted(), vec![(34, 7)]);
+        assert_eq!(c.nr_overflow(), 1);
         c.set(34, 2);
         assert_eq!(c.get(34), 2);
         assert!(c.overflow_sorted().is_empty());
@@ -578,6 +605,8 @@ mod tests {
         assert!((0..200).any(|b| runs.get(b) > 15));
         assert_eq!(runs.overflow_sorted(), single.overflow_sorted());
         assert_eq!(runs.nr_allocated(), single.nr_allocated());
+        assert_eq!(runs.nr_overflow(), single.overflow_iter().count() as u64);
+        assert!(runs.nr_overflow() > 200);
     }
 
     /// Counts filled from two sides add up: chunks only one side counted

@@ -81,6 +81,12 @@ pub trait MetadataVisitor {
     fn mapping(&mut self, m: &Mapping) -> io::Result<()>;
     /// The current device maps the shared run `name` (defined before).
     fn reference(&mut self, name: &str) -> io::Result<()>;
+    /// [`MetadataVisitor::reference`] to the def that was the `nth` (from
+    /// 0) to begin: a visitor that keeps its defs in a list finds it
+    /// without a lookup by name. Producers that number their defs call it.
+    fn reference_nth(&mut self, name: &str, _nth: u32) -> io::Result<()> {
+        self.reference(name)
+    }
     fn finish(&mut self) -> io::Result<()>;
     /// A hint: `m` will be visited soon (a visitor may start loading what it
     /// will need for it).

@@ -1,6 +1,7 @@
 //! dm-thin metadata: superblock, devices, mapping trees, and the tools' logic.
 
 pub mod check;
+pub mod def_name;
 pub mod delta;
 pub mod device;
 pub mod dump;

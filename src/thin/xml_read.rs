@@ -14,9 +14,10 @@
 //! scanner passes them. Comments and whitespace are streamed, so only one
 //! tag ever has to fit in the buffer.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{self, Read};
 
+use crate::thin::def_name::DefMap;
 use crate::thin::dump::{DeviceInfo, Mapping, MetadataVisitor, SuperblockInfo};
 
 /// Bytes asked of the input per read.
@@ -98,7 +99,7 @@ pub fn read_xml_with_pool_size<R: Read, V: MetadataVisitor + ?Sized>(
         nr_data_blocks: 0,
         run: Run::default(),
         def_name: String::new(),
-        defs: HashMap::new(),
+        defs: DefMap::default(),
         dev_ids: HashSet::new(),
         text: String::new(),
         stats: XmlStats::default(),
@@ -287,22 +288,13 @@ fn show_byte(b: u8) -> String {
 /// takes the general path, which reads the writer's form to the same tag.
 #[inline]
 fn parse_written_mapping(s: &[u8]) -> Option<Tag> {
-    const RANGE: &[&[u8]] = &[
-        b"<range_mapping origin_begin=\"",
-        b"\" data_begin=\"",
-        b"\" length=\"",
-        b"\" time=\"",
-        b"\"/>",
-    ];
-    const SINGLE: &[&[u8]] = &[
-        b"<single_mapping origin_block=\"",
-        b"\" data_block=\"",
-        b"\" time=\"",
-        b"\"/>",
-    ];
-    let (kind, parts) = match s.get(1) {
-        Some(b'r') if s.starts_with(RANGE[0]) => (Kind::Range, RANGE),
-        Some(b's') if s.starts_with(SINGLE[0]) => (Kind::Single, SINGLE),
+    // The separators are compared as arrays of known length, which compile
+    // to a few loads (a slice compare of run-time length calls memcmp).
+    const RANGE: &[u8; 29] = b"<range_mapping origin_begin=\"";
+    const SINGLE: &[u8; 30] = b"<single_mapping origin_block=\"";
+    let (kind, mut i) = match s.get(1) {
+        Some(b'r') if lit(s, 0, RANGE) => (Kind::Range, RANGE.len()),
+        Some(b's') if lit(s, 0, SINGLE) => (Kind::Single, SINGLE.len()),
         _ => return None,
     };
     let mut t = Tag {
@@ -314,25 +306,51 @@ fn parse_written_mapping(s: &[u8]) -> Option<Tag> {
         newlines: 0,
         last_nl: 0,
     };
-    let mut i = parts[0].len();
-    for (idx, sep) in parts[1..].iter().enumerate() {
-        let v0 = i;
-        let mut v = 0u64;
-        while let Some(d) = s.get(i).map(|c| c.wrapping_sub(b'0')).filter(|&d| d < 10) {
-            if i - v0 == 19 {
-                return None; // 20 digits may not fit: the general path says so
-            }
-            v = v * 10 + d as u64;
-            i += 1;
-        }
-        if i == v0 || !s[i..].starts_with(sep) {
-            return None;
-        }
-        t.vals[idx] = v;
-        i += sep.len();
+    if kind == Kind::Range {
+        t.vals[0] = digits(s, &mut i)?;
+        sep(s, &mut i, b"\" data_begin=\"")?;
+        t.vals[1] = digits(s, &mut i)?;
+        sep(s, &mut i, b"\" length=\"")?;
+        t.vals[2] = digits(s, &mut i)?;
+        sep(s, &mut i, b"\" time=\"")?;
+        t.vals[3] = digits(s, &mut i)?;
+    } else {
+        t.vals[0] = digits(s, &mut i)?;
+        sep(s, &mut i, b"\" data_block=\"")?;
+        t.vals[1] = digits(s, &mut i)?;
+        sep(s, &mut i, b"\" time=\"")?;
+        t.vals[2] = digits(s, &mut i)?;
     }
+    sep(s, &mut i, b"\"/>")?;
     t.len = i;
     Some(t)
+}
+
+/// Whether `s[at..]` starts with `lit`.
+#[inline(always)]
+fn lit<const N: usize>(s: &[u8], at: usize, lit: &[u8; N]) -> bool {
+    s.get(at..at + N).is_some_and(|b| b == lit)
+}
+
+/// Step over `lit` at `s[*i..]`.
+#[inline(always)]
+fn sep<const N: usize>(s: &[u8], i: &mut usize, l: &[u8; N]) -> Option<()> {
+    lit(s, *i, l).then(|| *i += N)
+}
+
+/// The decimal number at `s[*i..]` (1 to 19 digits), stepped over.
+#[inline(always)]
+fn digits(s: &[u8], i: &mut usize) -> Option<u64> {
+    let v0 = *i;
+    let mut v = 0u64;
+    while let Some(d) = s.get(*i).map(|c| c.wrapping_sub(b'0')).filter(|&d| d < 10) {
+        if *i - v0 == 19 {
+            return None; // 20 digits may not fit: the general path says so
+        }
+        v = v * 10 + d as u64;
+        *i += 1;
+    }
+    (*i > v0).then_some(v)
 }
 
 /// Parse the start tag at the beginning of `s` (`s[0] == b'<'`). `Ok(None)`:
@@ -684,6 +702,8 @@ struct Run {
 /// What a ref to a def covers.
 #[derive(Debug, Clone, Copy)]
 struct DefInfo {
+    /// How many defs began before this one.
+    nth: u32,
     any: bool,
     first: u64,
     end: u64,
@@ -710,7 +730,7 @@ struct Parser<'v, R, V: ?Sized> {
     pool_size_override: Option<u64>,
     run: Run,
     def_name: String,
-    defs: HashMap<String, DefInfo>,
+    defs: DefMap<DefInfo>,
     dev_ids: HashSet<u64>,
     /// The decoded string attribute of the last tag.
     text: String,
@@ -1107,7 +1127,7 @@ impl<R: Read, V: MetadataVisitor + ?Sized> Parser<'_, R, V> {
         if self.text.is_empty() {
             return Err(perr("empty name in <def>".into()));
         }
-        if self.defs.contains_key(self.text.as_str()) {
+        if self.defs.contains_key(self.text.as_bytes()) {
             return Err(perr(format!("duplicate def name {:?}", self.text)));
         }
         self.def_name.clone_from(&self.text);
@@ -1126,9 +1146,12 @@ impl<R: Read, V: MetadataVisitor + ?Sized> Parser<'_, R, V> {
 
     fn end_def(&mut self) {
         let r = self.run;
-        self.defs.insert(
-            std::mem::take(&mut self.def_name),
+        let nth = self.defs.len() as u32;
+        // def() refused a name already given.
+        let _ = self.defs.insert(
+            &self.def_name,
             DefInfo {
+                nth,
                 any: r.any,
                 first: r.first,
                 end: r.prev_end,
@@ -1279,7 +1302,7 @@ impl<R: Read, V: MetadataVisitor + ?Sized> Parser<'_, R, V> {
         if name.is_empty() {
             return Err(perr("empty name in <ref>".into()));
         }
-        let Some(d) = self.defs.get(name) else {
+        let Some(d) = self.defs.get(name.as_bytes()) else {
             return Err(perr(format!("ref to undefined def {name:?}")));
         };
         let run = &mut self.run;
@@ -1310,7 +1333,7 @@ impl<R: Read, V: MetadataVisitor + ?Sized> Parser<'_, R, V> {
             self.ctx = Ctx::Leaf(Kind::Ref, false);
         }
         self.visitor
-            .reference(name)
+            .reference_nth(name, d.nth)
             .map_err(|source| XmlError::Visitor { line, col, source })
     }
 }

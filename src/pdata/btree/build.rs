@@ -155,8 +155,20 @@ impl TreeBuilder {
 
     /// Finish a leaves-only builder.
     pub fn finish_leaves(mut self, w: &mut BlockWriter) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        self.take_leaves(w, &mut out)?;
+        Ok(out)
+    }
+
+    /// Finish a leaves-only builder's run of leaves, appending them to
+    /// `out`. The builder is empty again, ready for the next run with its
+    /// buffers (a restore builds hundreds of thousands of defs).
+    pub fn take_leaves(&mut self, w: &mut BlockWriter, out: &mut Vec<(u64, u64)>) -> Result<()> {
         self.flush_level(w, 0)?;
-        Ok(self.leaves.take().unwrap_or_default())
+        if let Some(l) = self.leaves.as_mut() {
+            out.append(l);
+        }
+        Ok(())
     }
 
     /// Add a leaf entry. Keys must come in strictly increasing order.
@@ -204,17 +216,62 @@ impl TreeBuilder {
         Ok(())
     }
 
+    /// Add a leaf entry whose value is `N` bytes: [`TreeBuilder::push`]
+    /// for millions of small entries (a ref-count tree), its copies of
+    /// known length.
+    #[inline]
+    pub fn push_array<const N: usize>(
+        &mut self,
+        w: &mut BlockWriter,
+        key: u64,
+        value: &[u8; N],
+    ) -> Result<()> {
+        self.make_room(w, 0)?;
+        let cur = &mut self.levels[0].cur;
+        debug_assert_eq!(cur.value_size, N);
+        if !w.is_dry_run() {
+            let k = NODE_HEADER_SIZE + 8 * cur.nr;
+            cur.data[k..k + 8].copy_from_slice(&key.to_le_bytes());
+            let v = cur.value_off(cur.nr);
+            cur.data[v..v + N].copy_from_slice(value);
+        }
+        cur.nr += 1;
+        Ok(())
+    }
+
+    /// In a dry run, account for `n` more leaf entries (whose keys and
+    /// values a dry run does not look at): the same nodes are allocated as
+    /// if they were pushed one by one.
+    pub fn push_dry(&mut self, w: &mut BlockWriter, n: u64) -> Result<()> {
+        debug_assert!(w.is_dry_run());
+        let mut i = 0;
+        while i < n {
+            self.make_room(w, 0)?;
+            let cur = &mut self.levels[0].cur;
+            let k = ((cur.max - cur.nr) as u64).min(n - i);
+            cur.nr += k as usize;
+            i += k;
+        }
+        Ok(())
+    }
+
     /// Make sure level `lvl`'s current node has room for an entry: a full
     /// one is held back, and the one held before it is written.
     fn make_room(&mut self, w: &mut BlockWriter, lvl: usize) -> Result<()> {
         let l = &mut self.levels[lvl];
         if l.cur.nr == l.cur.max {
-            let vs = l.cur.value_size;
-            let full = std::mem::replace(&mut l.cur, NodeBuf::new(vs));
-            if let Some(mut prev) = l.held.replace(full) {
-                let leaf = l.leaf;
-                let (k, b) = prev.emit(w, leaf)?;
-                self.up(w, lvl, k, b)?;
+            match l.held.take() {
+                Some(mut prev) => {
+                    // Written and cleared, the held node's buffer takes the
+                    // next entries (no allocation a node).
+                    let (k, b) = prev.emit(w, l.leaf)?;
+                    l.held = Some(std::mem::replace(&mut l.cur, prev));
+                    self.up(w, lvl, k, b)?;
+                }
+                None => {
+                    let vs = l.cur.value_size;
+                    l.held = Some(std::mem::replace(&mut l.cur, NodeBuf::new(vs)));
+                }
             }
         }
         Ok(())
@@ -244,19 +301,20 @@ impl TreeBuilder {
     fn flush_level(&mut self, w: &mut BlockWriter, lvl: usize) -> Result<()> {
         let l = &mut self.levels[lvl];
         let leaf = l.leaf;
-        let mut out = Vec::with_capacity(2);
+        // Called before every shared leaf: nothing allocated on the way.
+        let mut out = [None, None];
         if let Some(mut prev) = l.held.take() {
             let min = l.cur.max / 3;
             if l.cur.nr > 0 && l.cur.nr < min {
                 let n = (prev.nr + l.cur.nr) / 2 - l.cur.nr;
                 prev.shift_tail_to(&mut l.cur, n, w.is_dry_run());
             }
-            out.push(prev.emit(w, leaf)?);
+            out[0] = Some(prev.emit(w, leaf)?);
         }
         if l.cur.nr > 0 {
-            out.push(l.cur.emit(w, leaf)?);
+            out[1] = Some(l.cur.emit(w, leaf)?);
         }
-        for (k, b) in out {
+        for (k, b) in out.into_iter().flatten() {
             self.up(w, lvl, k, b)?;
         }
         Ok(())

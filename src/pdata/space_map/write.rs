@@ -74,7 +74,7 @@ fn write_ref_count_tree(
 ) -> Result<u64> {
     let mut t = TreeBuilder::new(4);
     for (b, c) in overflow {
-        t.push(w, b, &c.to_le_bytes())?;
+        t.push_array(w, b, &c.to_le_bytes())?;
     }
     t.finish(w)
 }
@@ -84,15 +84,29 @@ pub fn write_data_sm(w: &mut BlockWriter, counts: &RefCounts) -> Result<SmRoot> 
     let nr_blocks = counts.nr_blocks();
     let mut index = TreeBuilder::new(16);
     let mut block = vec![0u8; BLOCK_SIZE];
+    // A dry run measures the space needed: what the blocks would hold does
+    // not matter to it (3 in 4 of a big pool's blocks may be shared 3 ways
+    // or more: millions of ref-count entries not worth making twice).
+    let dry = w.is_dry_run();
     for i in 0..nr_blocks.div_ceil(ENTRIES_PER_BITMAP) {
         let loc = w.alloc()?;
-        let (nr_free, nfb) = fill_bitmap(&mut block, loc, counts, i);
+        let (nr_free, nfb) = if dry {
+            (0, 0)
+        } else {
+            fill_bitmap(&mut block, loc, counts, i)
+        };
         w.write(loc, &block)?;
         w.inc(loc);
         index.push(w, i, &index_value(loc, nr_free, nfb))?;
     }
     let bitmap_root = index.finish(w)?;
-    let ref_count_root = write_ref_count_tree(w, counts.overflow_iter())?;
+    let ref_count_root = if dry {
+        let mut t = TreeBuilder::new(4);
+        t.push_dry(w, counts.nr_overflow())?;
+        t.finish(w)?
+    } else {
+        write_ref_count_tree(w, counts.overflow_iter())?
+    };
     Ok(SmRoot {
         nr_blocks,
         nr_allocated: counts.nr_allocated(),
