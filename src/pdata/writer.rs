@@ -52,9 +52,16 @@ impl<'d> BlockWriter<'d> {
         w
     }
 
-    /// A writer that writes nothing and may allocate up to `nr_blocks`.
+    /// A writer that writes nothing and may allocate past `nr_blocks`.
     pub fn dry_run(nr_blocks: u64, avoid: Option<FixedBitSet>) -> Self {
-        Self::make(None, nr_blocks, avoid)
+        // Beside an `avoid` set the blocks run past `nr_blocks`. Their
+        // counts are kept too (as many more as it holds: enough for any job
+        // that fits the device packed), or the space map of a packed layout
+        // would be measured short of the ref-count entries of those blocks.
+        let beyond = avoid.as_ref().map_or(0, |a| a.count_ones(..) as u64);
+        let mut w = Self::make(None, nr_blocks, avoid);
+        w.counts = RefCounts::new(nr_blocks + beyond);
+        w
     }
 
     fn make(dev: Option<&'d BlockDevice>, nr_blocks: u64, avoid: Option<FixedBitSet>) -> Self {
