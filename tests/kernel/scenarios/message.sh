@@ -28,8 +28,13 @@ size() { awk -v d="$1" '$1 == d {print $2}' /input/sizes; }
 status() { dmsetup status pool > "/results/status-$1"; cat "/results/status-$1"; }
 # tm ARGS...: the host's thinmeta, with the host's libraries
 tm() {
-    local d=/input/thinmeta ld
-    ld=$(ls "$d"/lib/ld-linux* 2>/dev/null | head -n 1)
+    local d=/input/thinmeta ld f
+    # No pipeline: under set -x its two commands trace at once, and their
+    # lines can interleave in the stderr a check reads.
+    ld=
+    for f in "$d"/lib/ld-linux*; do
+        if [ -e "$f" ]; then ld=$f; break; fi
+    done
     if [ -n "$ld" ]; then
         "$ld" --library-path "$d/lib" "$d/thinmeta" "$@"
     else

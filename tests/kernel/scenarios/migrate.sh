@@ -25,9 +25,14 @@ T=/dev/mapper/thin
 size() { awk -v d="$1" '$1 == d {print $2}' /input/sizes; }
 # run_in DIR BIN ARGS...: a host binary with the host's libraries
 run_in() {
-    local d=$1 b=$2 ld
+    local d=$1 b=$2 ld f
     shift 2
-    ld=$(ls "$d"/lib/ld-linux* 2>/dev/null | head -n 1)
+    # No pipeline: under set -x its two commands trace at once, and their
+    # lines can interleave in the stderr file a check reads.
+    ld=
+    for f in "$d"/lib/ld-linux*; do
+        if [ -e "$f" ]; then ld=$f; break; fi
+    done
     if [ -n "$ld" ]; then
         "$ld" --library-path "$d/lib" "$d/$b" "$@"
     else

@@ -25,8 +25,13 @@ T=/dev/mapper/thin
 BS=65536
 SZ=16384
 tm() {
-    local d=/input/thinmeta ld
-    ld=$(ls "$d"/lib/ld-linux* 2>/dev/null | head -n 1)
+    local d=/input/thinmeta ld f
+    # No pipeline: under set -x its two commands trace at once, and their
+    # lines can interleave in the stderr a check reads.
+    ld=
+    for f in "$d"/lib/ld-linux*; do
+        if [ -e "$f" ]; then ld=$f; break; fi
+    done
     if [ -n "$ld" ]; then
         "$ld" --library-path "$d/lib" "$d/thinmeta" "$@"
     else
