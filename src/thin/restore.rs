@@ -568,8 +568,8 @@ where
     })
 }
 
-/// One dump event, owned, to cross threads.
-/// The rare events are boxed: batches of events are 40 bytes each.
+/// One dump event, owned, to cross threads. The rare ones are boxed, so
+/// an event takes 40 bytes of a batch.
 enum Event {
     SuperblockBegin(Box<SuperblockInfo>),
     SuperblockEnd,
@@ -918,6 +918,11 @@ mod def_tests {
             .map(|(d, _)| (d.dev_id, d.mapped_blocks))
             .collect();
         (mapped, b.superblock_end())
+    }
+
+    #[test]
+    fn an_event_takes_40_bytes() {
+        assert_eq!(std::mem::size_of::<Event>(), 40);
     }
 
     #[test]
