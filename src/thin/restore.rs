@@ -861,11 +861,6 @@ mod tests {
         let mut r = Recorder::default();
         let _ = pipelined(|_| -> Result<(), ()> { panic!("reader bug") }, &mut r);
     }
-}
-
-#[cfg(test)]
-mod def_tests {
-    use super::*;
 
     fn sb(nr_data_blocks: u64) -> SuperblockInfo {
         SuperblockInfo {
