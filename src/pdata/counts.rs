@@ -315,44 +315,58 @@ impl RefCounts {
     /// a word (32 or 16 blocks) at a time: mappings come in runs of
     /// consecutive data blocks, and counting them one by one was most of
     /// thin_check's time on a large pool.
+    #[inline]
     pub fn inc_run(&mut self, start: u64, len: u64) {
         let end = start.saturating_add(len).min(self.nr_blocks);
         let mut b = start;
         while b < end {
             let c = (b >> CHUNK_SHIFT) as usize;
             let chunk_end = ((c as u64 + 1) << CHUNK_SHIFT).min(end);
-            while b < chunk_end {
-                let off = b & CHUNK_MASK;
-                match self.touch(c) {
-                    (Width::Narrow, w) => {
-                        let first = off % 32;
-                        let n = (32 - first).min(chunk_end - b);
-                        let m = field_mask(first, n, 2);
-                        let word = &mut w[(off / 32) as usize];
-                        if (*word >> 1) & m != 0 {
-                            // A count of 2 would become 3: go wide, redo.
-                            self.widen(c);
-                            continue;
-                        }
-                        *word += m;
-                        b += n;
+            b = self.inc_in_chunk(c, b, chunk_end);
+        }
+    }
+
+    /// [`RefCounts::inc_run`] of blocks `b..end` of chunk `c`, a word at a
+    /// time, as far as it can go: returns where it stopped (`end`, or a
+    /// block whose count must first be made wider).
+    #[inline(always)]
+    fn inc_in_chunk(&mut self, c: usize, mut b: u64, end: u64) -> u64 {
+        match self.touch(c) {
+            (Width::Narrow, w) => {
+                while b < end {
+                    let off = b & CHUNK_MASK;
+                    let first = off % 32;
+                    let n = (32 - first).min(end - b);
+                    let m = field_mask(first, n, 2);
+                    let word = &mut w[(off / 32) as usize];
+                    if (*word >> 1) & m != 0 {
+                        // A count of 2 would become 3: go wide, redo.
+                        self.widen(c);
+                        return b;
                     }
-                    (_, w) => {
-                        let first = off % 16;
-                        let n = (16 - first).min(chunk_end - b);
-                        let m = field_mask(first, n, 4);
-                        let word = &mut w[(off / 16) as usize];
-                        // Nibbles of 14 or 15 need the overflow map.
-                        if (*word >> 1) & (*word >> 2) & (*word >> 3) & m != 0 {
-                            for x in b..b + n {
-                                self.inc(x);
-                            }
-                        } else {
-                            *word += m;
-                        }
-                        b += n;
-                    }
+                    *word += m;
+                    b += n;
                 }
+                b
+            }
+            (_, w) => {
+                while b < end {
+                    let off = b & CHUNK_MASK;
+                    let first = off % 16;
+                    let n = (16 - first).min(end - b);
+                    let m = field_mask(first, n, 4);
+                    let word = &mut w[(off / 16) as usize];
+                    // Nibbles of 14 or 15 need the overflow map.
+                    if (*word >> 1) & (*word >> 2) & (*word >> 3) & m != 0 {
+                        for x in b..b + n {
+                            self.inc(x);
+                        }
+                        return b + n;
+                    }
+                    *word += m;
+                    b += n;
+                }
+                b
             }
         }
     }
@@ -517,6 +531,23 @@ impl RefCounts {
                 let x = self.slot(c);
                 nibbles_to_2bit(x[2 * i]) | (nibbles_to_2bit(x[2 * i + 1]) << 32)
             }
+        }
+    }
+
+    /// The exact counts of blocks `32 * w .. 32 * w + 32` as nibbles (blocks
+    /// `32 * w ..` in the first word, `32 * w + 16 ..` in the second; 15 =
+    /// look in [`RefCounts::get`]), when their chunk keeps 4 bits a block
+    /// (any count of 3 or more does); None otherwise.
+    #[inline]
+    pub fn wide_word(&self, w: usize) -> Option<[u64; 2]> {
+        let c = w / NARROW_WORDS;
+        let i = w % NARROW_WORDS;
+        match self.widths.get(c) {
+            Some(Width::Wide) => {
+                let x = self.slot(c);
+                Some([x[2 * i], x[2 * i + 1]])
+            }
+            _ => None,
         }
     }
 

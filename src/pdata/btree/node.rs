@@ -180,6 +180,13 @@ impl<'a> Node<'a> {
         &self.data[off..off + self.value_size]
     }
 
+    /// The keys of all entries, back to back (`8 * nr_entries` bytes,
+    /// little-endian).
+    #[inline(always)]
+    pub fn key_area(&self) -> &'a [u8] {
+        &self.data[NODE_HEADER_SIZE..NODE_HEADER_SIZE + 8 * self.nr]
+    }
+
     /// The values of all entries, back to back (`nr_entries * value_size`
     /// bytes): for loops over a whole leaf without a bounds check per value.
     #[inline(always)]

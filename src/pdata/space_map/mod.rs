@@ -274,7 +274,12 @@ impl<'a> RefCountCursor<'a> {
             self.dev
                 .read_in_order(batch, CURSOR_BATCH, |_, leaf, data| {
                     let node = crate::pdata::btree::Node::parse(leaf, data?, u32::SIZE)?;
-                    entries.extend(node.entries::<u32>());
+                    let keys = node.key_area().chunks_exact(8);
+                    let counts = node.value_area().chunks_exact(4);
+                    entries.extend(keys.zip(counts).map(|(k, c)| {
+                        let k = u64::from_le_bytes(k.try_into().expect("8 bytes"));
+                        (k, u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                    }));
                     Ok::<(), Error>(())
                 })?;
         }
@@ -385,30 +390,65 @@ impl DiskSpaceMap {
     /// bitmaps) is compared in two halves on two threads; the result is the
     /// same as one pass in block order.
     pub fn compare(&self, dev: &BlockDevice, actual: &RefCounts) -> SmDiff {
-        self.compare_split(dev, actual, PARALLEL_COMPARE_BITMAPS)
+        self.compare_split(dev, actual, PARALLEL_COMPARE_BITMAPS, COMPARE_PIECE)
     }
 
-    /// [`DiskSpaceMap::compare`], in two halves from `parallel_from` bitmaps.
-    fn compare_split(&self, dev: &BlockDevice, actual: &RefCounts, parallel_from: usize) -> SmDiff {
+    /// [`DiskSpaceMap::compare`]; from `parallel_from` bitmaps on, by two
+    /// threads taking pieces of `piece` bitmaps in turn as they finish
+    /// (counts of 3 or more, the slow part, bunch up where origins and
+    /// their snapshots share data: fixed halves left one thread idle).
+    fn compare_split(
+        &self,
+        dev: &BlockDevice,
+        actual: &RefCounts,
+        parallel_from: usize,
+        piece: usize,
+    ) -> SmDiff {
         let n = self.index.len();
-        let (mut diff, nr_allocated) = if n < parallel_from.max(2) {
-            self.compare_bitmaps(dev, actual, 0..n)
-        } else {
-            let mid = n / 2;
-            let ((mut first, lo), (second, hi)) = std::thread::scope(|s| {
-                let upper = std::thread::Builder::new()
-                    .spawn_scoped(s, || self.compare_bitmaps(dev, actual, mid..n));
-                let lower = self.compare_bitmaps(dev, actual, 0..mid);
-                match upper.map(|u| u.join()) {
-                    Ok(Ok(u)) => (lower, u),
-                    Ok(Err(p)) => std::panic::resume_unwind(p),
-                    // No second thread (a process limit): this one does both.
-                    Err(_) => (lower, self.compare_bitmaps(dev, actual, mid..n)),
+        let parallel = n >= parallel_from.max(2);
+        let piece = if parallel { piece.max(1) } else { n.max(1) };
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let work = || {
+            let mut done = Vec::new();
+            loop {
+                let p = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let first = p.saturating_mul(piece);
+                if first >= n {
+                    return done;
                 }
-            });
-            first.append(second);
-            (first, lo + hi)
+                done.push((
+                    p,
+                    self.compare_bitmaps(dev, actual, first..n.min(first + piece)),
+                ));
+            }
         };
+        let mut pieces = if parallel {
+            std::thread::scope(|s| {
+                let other = std::thread::Builder::new().spawn_scoped(s, work);
+                // Without a second thread (a process limit) this one takes
+                // every piece.
+                let mut mine = work();
+                match other.map(|o| o.join()) {
+                    Ok(Ok(theirs)) => mine.extend(theirs),
+                    Ok(Err(p)) => std::panic::resume_unwind(p),
+                    Err(_) => {}
+                }
+                mine
+            })
+        } else {
+            work()
+        };
+        pieces.sort_unstable_by_key(|(p, _)| *p);
+        let mut diff = SmDiff::default();
+        let mut nr_allocated = 0;
+        for (_, (d, allocated)) in pieces {
+            diff.append(d);
+            nr_allocated += allocated;
+        }
+        // Pieces compared apart may each meet the same damaged ref-count
+        // leaf: it is reported once.
+        let mut reported = std::collections::HashSet::new();
+        diff.errors.retain(|e| reported.insert(e.to_string()));
         if diff.errors.is_empty() && nr_allocated != self.root.nr_allocated {
             diff.warnings.push(format!(
                 "the root says {} blocks are allocated; its bitmaps count {nr_allocated}",
@@ -464,10 +504,26 @@ impl DiskSpaceMap {
                         nr_allocated += used as u64;
                         free += 32 - used;
                         let mut threes = mem & (mem >> 1) & LO;
+                        // The exact counts, a word of nibbles at once
+                        // (tens of millions of shared blocks in a pool
+                        // with many snapshots).
+                        let wide = if threes != 0 {
+                            actual.wide_word((base as usize + j) / 32)
+                        } else {
+                            None
+                        };
                         while threes != 0 {
                             let f = threes.trailing_zeros() as u64 / 2;
                             threes &= threes - 1;
-                            diff.compare_block(base + j as u64 + f, 3, &mut rc, actual);
+                            let b = base + j as u64 + f;
+                            let want = match wide {
+                                Some(x) => match (x[f as usize / 16] >> (4 * (f % 16))) & 15 {
+                                    15 => actual.get(b),
+                                    v => v as u32,
+                                },
+                                None => actual.get(b),
+                            };
+                            diff.compare_block(b, 3, want, &mut rc);
                         }
                         j += 32;
                         continue;
@@ -475,7 +531,7 @@ impl DiskSpaceMap {
                 }
                 let b = base + j as u64;
                 j += 1;
-                if diff.compare_block(b, bitmap.get(j - 1), &mut rc, actual) == 0 {
+                if diff.compare_block(b, bitmap.get(j - 1), actual.get(b), &mut rc) == 0 {
                     free += 1;
                 } else {
                     nr_allocated += 1;
@@ -501,17 +557,15 @@ impl DiskSpaceMap {
 /// (16 M blocks: below that a thread costs more than it saves).
 const PARALLEL_COMPARE_BITMAPS: usize = 1024;
 
+/// Bitmaps a comparing thread takes at a time (4 M blocks; each piece
+/// starts its own ref-count cursor, a binary search of a few reads).
+const COMPARE_PIECE: usize = 256;
+
 impl SmDiff {
     /// Compare block `b`'s on-disk count (its 2-bit bitmap entry `small`,
-    /// 3 = look in the ref-count tree) with the references found. Returns
-    /// the on-disk count.
-    fn compare_block(
-        &mut self,
-        b: u64,
-        small: u32,
-        rc: &mut RefCountCursor,
-        actual: &RefCounts,
-    ) -> u32 {
+    /// 3 = look in the ref-count tree) with `want`, the references found.
+    /// Returns the on-disk count.
+    fn compare_block(&mut self, b: u64, small: u32, want: u32, rc: &mut RefCountCursor) -> u32 {
         let disk = if small == 3 {
             match rc.get(b) {
                 Ok(c) => c.unwrap_or(0),
@@ -533,7 +587,6 @@ impl SmDiff {
                 }
             )));
         }
-        let want = actual.get(b);
         if disk != want {
             if want == 0 {
                 self.nr_leaked += 1;
@@ -663,12 +716,14 @@ mod tests {
             found.set(b, if c == 0 { 2 } else { (c + 1) % 7 });
         }
         for found in [&on_disk, &found] {
-            let one = sm.compare_split(&dev, found, usize::MAX);
-            let halves = sm.compare_split(&dev, found, 1);
-            assert_eq!(format!("{one:?}"), format!("{halves:?}"));
+            let one = sm.compare_split(&dev, found, usize::MAX, 1);
+            for piece in [1, 2, 5] {
+                let pieces = sm.compare_split(&dev, found, 1, piece);
+                assert_eq!(format!("{one:?}"), format!("{pieces:?}"));
+            }
         }
-        // And both are what a block-by-block comparison finds.
-        let d = sm.compare_split(&dev, &found, 1);
+        // And all are what a block-by-block comparison finds.
+        let d = sm.compare_split(&dev, &found, 1, 2);
         let (mut leaked, mut mismatched) = (Vec::new(), Vec::new());
         for b in 0..nr {
             let (disk, want) = (on_disk.get(b), found.get(b));
