@@ -185,7 +185,9 @@ impl DataScan {
     }
 
     /// Append the runs of consecutive data blocks that leaf `b` (accepted
-    /// by [`Walker::check_leaf`]) maps to `runs`, packed.
+    /// by [`Walker::check_leaf`]) maps to `runs`, packed: a run into an
+    /// even stripe of `1 << stripe_shift` blocks to `runs[0]`, into an odd
+    /// one to `runs[1]` (a run across stripes is cut at their boundary).
     ///
     /// Mappings come in runs at scattered places (fragmented data); a run
     /// is counted a word at a time. This runs once per mapping (883 M times
@@ -195,7 +197,13 @@ impl DataScan {
     /// the scan only notices them, a second look lists them. Blocks beyond
     /// the data device stay in the runs: counting ignores them.
     #[inline(never)]
-    fn scan_leaf(&mut self, b: u64, node: &crate::pdata::btree::Node, runs: &mut Vec<u64>) {
+    fn scan_leaf(
+        &mut self,
+        b: u64,
+        node: &crate::pdata::btree::Node,
+        runs: &mut [Vec<u64>; 2],
+        stripe_shift: u32,
+    ) {
         let values = node.value_area();
         let n = values.len() / 8;
         if n == 0 {
@@ -204,11 +212,19 @@ impl DataScan {
         let mut at = [0u32; MAX_LEAF_ENTRIES + 1];
         let (k, bad) = run_starts(values, self.nr_data_blocks, self.sb_time, &mut at);
         at[k] = n as u32;
-        runs.reserve(k);
+        runs[0].reserve(k);
+        runs[1].reserve(k);
         for j in 0..k {
             let i = at[j] as usize;
             let block = value_at(values, i) >> 24;
-            runs.push(block << RUN_LEN_BITS | (at[j + 1] - at[j]) as u64);
+            let len = (at[j + 1] - at[j]) as u64;
+            let run = block << RUN_LEN_BITS | len;
+            if (block ^ (block + len - 1)) >> stripe_shift == 0 {
+                runs[((block >> stripe_shift) & 1) as usize].push(run);
+            } else {
+                let [even, odd] = runs;
+                route_runs(&[run], stripe_shift, 0, even, odd);
+            }
         }
         if bad {
             self.list_bad_values(b, node);
@@ -299,6 +315,25 @@ fn run_starts_scalar(
     (k, bad)
 }
 
+/// The set bits of each 4-bit mask, lowest first (then padding).
+#[cfg(target_arch = "x86_64")]
+const STARTS_OF_MASK: [[u8; 4]; 16] = {
+    let mut t = [[0u8; 4]; 16];
+    let mut m = 0;
+    while m < 16 {
+        let (mut k, mut bit) = (0, 0);
+        while bit < 4 {
+            if m & (1 << bit) != 0 {
+                t[m][k] = bit as u8;
+                k += 1;
+            }
+            bit += 1;
+        }
+        m += 1;
+    }
+    t
+};
+
 /// [`run_starts`] four entries at a time: each entry's block is compared
 /// with its predecessor's plus one (an unaligned load one entry back), and
 /// the run starts come out as a 4-bit mask.
@@ -338,7 +373,7 @@ unsafe fn run_starts_avx2(
         let cur = _mm256_srli_epi64(v, 24);
         let next = _mm256_add_epi64(_mm256_srli_epi64(before, 24), one);
         let goes_on = _mm256_cmpeq_epi64(cur, next);
-        let mut starts = !(_mm256_movemask_pd(_mm256_castsi256_pd(goes_on)) as u32) & 0xf;
+        let starts = !(_mm256_movemask_pd(_mm256_castsi256_pd(goes_on)) as u32) & 0xf;
         badv = _mm256_or_si256(
             badv,
             _mm256_cmpgt_epi64(_mm256_xor_si256(cur, sign), last_block),
@@ -347,11 +382,15 @@ unsafe fn run_starts_avx2(
             badv,
             _mm256_cmpgt_epi64(_mm256_and_si256(v, time_mask), max_time),
         );
-        while starts != 0 {
-            at[k] = (i + starts.trailing_zeros() as usize) as u32;
-            k += 1;
-            starts &= starts - 1;
+        // All four candidates are written, the starts first (from a
+        // table): a loop over the set bits would be mispredicted every few
+        // entries. k <= i here, so k + 4 <= n.
+        let first = &STARTS_OF_MASK[starts as usize];
+        let slots = &mut at[k..k + 4];
+        for (slot, &f) in slots.iter_mut().zip(first) {
+            *slot = i as u32 + f as u32;
         }
+        k += starts.count_ones() as usize;
         i += 4;
     }
     while i < n {
@@ -373,10 +412,12 @@ unsafe fn run_starts_avx2(
 /// are asked for [`PREFETCH_AHEAD`] runs before they are counted, so many
 /// memory reads are under way at once instead of one after another.
 fn count_runs(counts: &mut RefCounts, runs: &[u64]) {
-    for (i, &r) in runs.iter().enumerate() {
-        if let Some(&ahead) = runs.get(i + PREFETCH_AHEAD) {
-            counts.prefetch(ahead >> RUN_LEN_BITS);
-        }
+    let ahead = runs.get(PREFETCH_AHEAD..).unwrap_or(&[]);
+    for (&r, &next) in runs.iter().zip(ahead) {
+        counts.prefetch(next >> RUN_LEN_BITS);
+        counts.inc_run(r >> RUN_LEN_BITS, r & MAX_RUN);
+    }
+    for &r in &runs[ahead.len()..] {
         counts.inc_run(r >> RUN_LEN_BITS, r & MAX_RUN);
     }
 }
@@ -473,9 +514,8 @@ impl LeafContext<'_> {
         };
         let mut buf = vec![0u8; self.split.leaf_batch * crate::pdata::BLOCK_SIZE];
         let mut failed = Vec::new();
-        let (mut runs, mut mine) = (Vec::new(), Vec::new());
+        let mut runs = [Vec::new(), Vec::new()];
         for chunk in batches {
-            runs.clear();
             self.dev.read_sorted(chunk, &mut buf, &mut failed);
             for (slot, &b) in chunk.iter().enumerate() {
                 let off = slot * crate::pdata::BLOCK_SIZE;
@@ -492,18 +532,21 @@ impl LeafContext<'_> {
                         if let Some(i) = self.walker.leaf_fill_issue(&node, is_root) {
                             w.fill_issues.push((b, i));
                         }
-                        w.scan.scan_leaf(b, &node, &mut runs);
+                        w.scan
+                            .scan_leaf(b, &node, &mut runs, self.split.stripe_shift);
                     }
                     Err(e) => w.leaf_errors.push((b, e)),
                 }
             }
-            mine.clear();
-            let mut theirs = Vec::with_capacity(runs.len());
-            route_runs(&runs, self.split.stripe_shift, id, &mut mine, &mut theirs);
+            let theirs = &mut runs[1 - id];
+            let sent = std::mem::replace(theirs, Vec::with_capacity(theirs.len()));
             // A send fails only when the other worker is gone (a panic,
             // passed on when it is joined).
-            to_other.send(theirs).ok();
-            count_runs(&mut w.counts, &mine);
+            if !sent.is_empty() {
+                to_other.send(sent).ok();
+            }
+            count_runs(&mut w.counts, &runs[id]);
+            runs[id].clear();
             while let Ok(r) = from_other.try_recv() {
                 count_runs(&mut w.counts, &r);
             }
@@ -1354,9 +1397,17 @@ mod tests {
                 .collect();
             let bytes = leaf(&values, MAX_LEAF_ENTRIES);
             let node = Node::validated(&bytes);
-            let mut runs = Vec::new();
-            scan.scan_leaf(leaf_no, &node, &mut runs);
-            count_runs(&mut runs_counts, &runs);
+            // Stripes of 64 blocks: runs are cut at their boundaries.
+            let mut runs = [Vec::new(), Vec::new()];
+            scan.scan_leaf(leaf_no, &node, &mut runs, 6);
+            for (parity, runs) in runs.iter().enumerate() {
+                for &r in runs {
+                    let (start, len) = (r >> RUN_LEN_BITS, r & MAX_RUN);
+                    assert_eq!(((start >> 6) & 1) as usize, parity);
+                    assert_eq!(start >> 6, (start + len - 1) >> 6, "run {start}+{len}");
+                }
+                count_runs(&mut runs_counts, runs);
+            }
             for (i, &v) in values.iter().enumerate() {
                 let bt = BlockTime::unpack(v);
                 single.inc(bt.block);
