@@ -401,11 +401,17 @@ impl RefCounts {
             }
         }
         for s in both {
-            let first = (s as u64) << SLAB_SHIFT;
-            for b in first..(first + (1 << SLAB_SHIFT)).min(self.nr_blocks) {
-                let n = other.get(b);
-                if n > 0 {
-                    self.set(b, self.get(b).saturating_add(n));
+            let chunks = s * SLAB_CHUNKS..((s + 1) * SLAB_CHUNKS).min(self.widths.len());
+            // Chunks the other side counted nothing in are skipped (the
+            // space maps' own blocks, counted apart from the trees', are
+            // few and bunched).
+            for c in chunks.filter(|&c| other.widths[c] != Width::Zero) {
+                let first = c as u64 * CHUNK;
+                for b in first..(first + CHUNK).min(self.nr_blocks) {
+                    let n = other.get(b);
+                    if n > 0 {
+                        self.set(b, self.get(b).saturating_add(n));
+                    }
                 }
             }
         }

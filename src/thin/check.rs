@@ -561,6 +561,33 @@ impl LeafContext<'_> {
     }
 }
 
+/// Both space maps as loaded, with what loading found and the references
+/// their own blocks hold (tree nodes, bitmaps, index blocks).
+struct LoadedSpaceMaps {
+    data: DiskSpaceMap,
+    data_errors: Vec<PError>,
+    metadata: DiskSpaceMap,
+    metadata_errors: Vec<PError>,
+    counts: RefCounts,
+}
+
+/// Load both space maps of `sb` with a walker of their own.
+fn load_space_maps(dev: &BlockDevice, sb: &Superblock) -> LoadedSpaceMaps {
+    let mut walker = Walker::new(dev).with_ref_counts();
+    let (data, data_errors) = DiskSpaceMap::load_data(&mut walker, sb.data_sm());
+    let (metadata, metadata_errors) = DiskSpaceMap::load_metadata(&mut walker, sb.metadata_sm());
+    let counts = walker
+        .take_ref_counts()
+        .unwrap_or_else(|| RefCounts::new(dev.nr_blocks()));
+    LoadedSpaceMaps {
+        data,
+        data_errors,
+        metadata,
+        metadata_errors,
+        counts,
+    }
+}
+
 struct DeviceWalk {
     dev: ThinDevice,
     leaves: TreeLeaves,
@@ -681,20 +708,40 @@ fn check_split(
         return report;
     }
 
-    // Walk every mapping tree; shared subtrees are walked once.
-    let mut walks = Vec::with_capacity(devices.len());
-    for (d, prefix) in devices {
-        let before = walker.issues.len();
-        let leaves = walker.walk(d.root, 8);
-        for i in walker.issues.drain(before..).collect::<Vec<_>>() {
-            report.issue(format!("{prefix}mapping tree of device {}", d.id), &i);
+    // Walk every mapping tree; shared subtrees are walked once. The space
+    // maps do not depend on the mapping trees: a second thread loads them
+    // meanwhile (their trees walked, their leaves validated and their
+    // blocks counted by a walker of its own), so neither serial part waits
+    // for the other.
+    let (walks, loaded) = std::thread::scope(|scope| {
+        let sb = &sb;
+        let loading = if opts.metadata_snap || !split.second_thread {
+            None
+        } else {
+            std::thread::Builder::new()
+                .spawn_scoped(scope, move || load_space_maps(dev, sb))
+                .ok()
+        };
+        let mut walks = Vec::with_capacity(devices.len());
+        for (d, prefix) in devices {
+            let before = walker.issues.len();
+            let leaves = walker.walk(d.root, 8);
+            for i in walker.issues.drain(before..).collect::<Vec<_>>() {
+                report.issue(format!("{prefix}mapping tree of device {}", d.id), &i);
+            }
+            walks.push(DeviceWalk {
+                dev: d,
+                leaves,
+                prefix,
+            });
         }
-        walks.push(DeviceWalk {
-            dev: d,
-            leaves,
-            prefix,
-        });
-    }
+        let loaded = match loading.map(|h| h.join()) {
+            Some(Ok(l)) => Some(l),
+            Some(Err(p)) => std::panic::resume_unwind(p),
+            None => None,
+        };
+        (walks, loaded)
+    });
 
     // Read each distinct leaf once, in block order: count data references.
     let nr_data_blocks = sb.data_sm().nr_blocks;
@@ -915,13 +962,19 @@ fn check_split(
         None
     };
 
-    // Space maps: load (counting their own blocks), then compare.
-    let (data_sm, errs) = DiskSpaceMap::load_data(&mut walker, sb.data_sm());
-    for e in &errs {
+    // Space maps: loaded beside the walk (here when no thread could be
+    // started), their blocks' counts added to the trees', then compared.
+    let LoadedSpaceMaps {
+        data: data_sm,
+        data_errors,
+        metadata: meta_sm,
+        metadata_errors,
+        counts: sm_counts,
+    } = loaded.unwrap_or_else(|| load_space_maps(dev, &sb));
+    for e in &data_errors {
         report.fatal("data space map", e);
     }
-    let (meta_sm, errs) = DiskSpaceMap::load_metadata(&mut walker, sb.metadata_sm());
-    for e in &errs {
+    for e in &metadata_errors {
         report.fatal("metadata space map", e);
     }
     if report.has_fatal() {
@@ -930,7 +983,10 @@ fn check_split(
     let diff = data_sm.compare(dev, &data_counts);
     report.data_leaks = diff.nr_leaked;
     report_diff(&mut report, SmKind::Data, &diff);
-    let meta_counts = walker.take_ref_counts().expect("walker counts references");
+    let mut meta_counts = walker
+        .take_ref_counts()
+        .unwrap_or_else(|| RefCounts::new(dev.nr_blocks()));
+    meta_counts.absorb(sm_counts);
     if meta_sm.root.nr_blocks > dev.nr_blocks() {
         report.add(
             Severity::Fatal,
