@@ -307,6 +307,30 @@ impl<'d> Walker<'d> {
         Err(last.unwrap_or_else(|| Error::invalid(b, "internal node has no usable child")))
     }
 
+    /// Ask for the key ranges of the leaves an internal node points at
+    /// before they are reached: leaves lie anywhere on the device, so
+    /// each one's range is a cache miss, and a node's worth of misses is
+    /// better under way at once than one after another.
+    fn prefetch_leaf_ranges(&mut self, leaves: impl Iterator<Item = u64>) {
+        if self.leaf_bounds.is_empty() {
+            self.leaf_bounds = vec![(0, 0); self.dev.nr_blocks() as usize];
+        }
+        #[cfg(target_arch = "x86_64")]
+        for leaf in leaves {
+            if let Some(r) = self.leaf_bounds.get(leaf as usize) {
+                // SAFETY: prefetching is a hint; the address is in bounds.
+                unsafe {
+                    std::arch::x86_64::_mm_prefetch(
+                        (r as *const (u64, u64)).cast::<i8>(),
+                        std::arch::x86_64::_MM_HINT_T0,
+                    )
+                };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = leaves;
+    }
+
     fn reach_leaf(&mut self, leaf: u64, (lo, hi): (u64, u64)) {
         self.arena.push(leaf);
         if self.leaf_bounds.is_empty() {
@@ -471,6 +495,9 @@ impl<'d> Walker<'d> {
             },
         );
         let nr_blocks = self.dev.nr_blocks();
+        if height - depth == 1 {
+            self.prefetch_leaf_ranges(children.iter().map(|c| c.0));
+        }
         for (child, lo, hi) in children {
             if let Some(r) = &mut self.refs {
                 r.inc(child);
