@@ -284,22 +284,43 @@ impl BlockDevice {
         &self,
         blocks: &[u64],
         batch: usize,
+        f: F,
+    ) -> std::result::Result<(), E>
+    where
+        F: FnMut(usize, u64, Result<&[u8]>) -> std::result::Result<(), E>,
+    {
+        self.read_in_order_with(&mut ReadScratch::default(), blocks, batch, f)
+    }
+
+    /// [`BlockDevice::read_in_order`] with buffers kept in `scratch` for the
+    /// next call (for callers reading a few blocks at a time, many times:
+    /// a fresh buffer each time is fresh pages each time).
+    pub fn read_in_order_with<E, F>(
+        &self,
+        scratch: &mut ReadScratch,
+        blocks: &[u64],
+        batch: usize,
         mut f: F,
     ) -> std::result::Result<(), E>
     where
         F: FnMut(usize, u64, Result<&[u8]>) -> std::result::Result<(), E>,
     {
         let batch = batch.max(1);
-        let mut buf = vec![0u8; batch.min(blocks.len().max(1)) * BLOCK_SIZE];
-        let mut sorted: Vec<u64> = Vec::with_capacity(batch.min(blocks.len()));
-        // Per sorted slot: None = read fine, Some(err) = failed.
-        let mut failed: Vec<Option<Error>> = Vec::new();
+        let ReadScratch {
+            buf,
+            sorted,
+            failed,
+        } = scratch;
+        let need = batch.min(blocks.len().max(1)) * BLOCK_SIZE;
+        if buf.len() < need {
+            buf.resize(need, 0);
+        }
         for (chunk_no, chunk) in blocks.chunks(batch).enumerate() {
             sorted.clear();
             sorted.extend_from_slice(chunk);
             sorted.sort_unstable();
             sorted.dedup();
-            self.read_sorted(&sorted, &mut buf, &mut failed);
+            self.read_sorted(sorted, buf, failed);
             // Already sorted and distinct (the usual case): slot = position.
             let in_place = sorted.as_slice() == chunk;
             for (off, &b) in chunk.iter().enumerate() {
@@ -317,6 +338,15 @@ impl BlockDevice {
         }
         Ok(())
     }
+}
+
+/// Buffers of [`BlockDevice::read_in_order_with`], kept between calls.
+#[derive(Default)]
+pub struct ReadScratch {
+    buf: Vec<u8>,
+    sorted: Vec<u64>,
+    /// Per sorted slot: None = read fine, Some(err) = failed.
+    failed: Vec<Option<Error>>,
 }
 
 //------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ mod write;
 
 pub use write::{write_data_sm, write_metadata_sm};
 
-use crate::pdata::btree::{Value, Walker};
+use crate::pdata::btree::{Value, Walker, NODE_HEADER_SIZE};
 use crate::pdata::checksum::{self, BlockKind};
 use crate::pdata::counts::RefCounts;
 use crate::pdata::error::{Error, Result};
-use crate::pdata::io::BlockDevice;
+use crate::pdata::io::{BlockDevice, ReadScratch};
 use crate::pdata::{le32, le64, BLOCK_SIZE};
 
 /// Entries (blocks) described by one bitmap block: (4096 - 16) * 4.
@@ -204,12 +204,26 @@ fn load_ref_count_tree(walker: &mut Walker, root: u64, errors: &mut Vec<Error>) 
 const CURSOR_BATCH: usize = 64;
 
 /// Reads a ref-count tree's (block, count) entries in block order, a batch
-/// of leaves at a time, for lookups in increasing block order.
+/// of leaves at a time, for lookups in increasing block order. Entries are
+/// read where they lie in the leaves' bytes (tens of millions of them in a
+/// pool with many snapshots: copied out, they cost more than the lookups).
 pub struct RefCountCursor<'a> {
     dev: &'a BlockDevice,
     leaves: &'a [u64],
     next_leaf: usize,
-    entries: Vec<(u64, u32)>,
+    /// The batch of leaves read: their blocks sorted, the bytes in `buf`
+    /// in that order, and whether each read failed.
+    sorted: Vec<u64>,
+    buf: Vec<u8>,
+    failed: Vec<Option<Error>>,
+    /// The batch's slots in key order, and how many have been entered.
+    order: Vec<usize>,
+    entered: usize,
+    /// The leaf being looked in: its byte offset in `buf`, its entries
+    /// and max entries, and the entry lookups have reached.
+    at: usize,
+    nr: usize,
+    max: usize,
     pos: usize,
 }
 
@@ -219,7 +233,14 @@ impl<'a> RefCountCursor<'a> {
             dev,
             leaves,
             next_leaf: 0,
-            entries: Vec::new(),
+            sorted: Vec::new(),
+            buf: Vec::new(),
+            failed: Vec::new(),
+            order: Vec::new(),
+            entered: 0,
+            at: 0,
+            nr: 0,
+            max: 0,
             pos: 0,
         }
     }
@@ -251,38 +272,109 @@ impl<'a> RefCountCursor<'a> {
         cursor
     }
 
+    /// Key `i` of the current leaf.
+    #[inline(always)]
+    fn key(&self, i: usize) -> u64 {
+        le64(&self.buf, self.at + NODE_HEADER_SIZE + 8 * i)
+    }
+
+    /// Count `i` of the current leaf.
+    #[inline(always)]
+    fn count(&self, i: usize) -> u32 {
+        le32(&self.buf, self.at + NODE_HEADER_SIZE + 8 * self.max + 4 * i)
+    }
+
     /// The count stored for `b`; calls must come in increasing `b`.
+    #[inline]
     pub fn get(&mut self, b: u64) -> Result<Option<u32>> {
+        match self.get_near(b) {
+            Some(c) => Ok(Some(c)),
+            None => self.seek(b),
+        }
+    }
+
+    /// The count stored for `b` when it is the entry found last or the
+    /// one after it in the same leaf (the usual case: a consistent map has
+    /// an entry for every count of 3 or more); None = look further.
+    #[inline(always)]
+    fn get_near(&mut self, b: u64) -> Option<u32> {
+        if self.pos < self.nr {
+            let k = self.key(self.pos);
+            if k == b {
+                return Some(self.count(self.pos));
+            }
+            if k < b && self.pos + 1 < self.nr && self.key(self.pos + 1) == b {
+                self.pos += 1;
+                return Some(self.count(self.pos));
+            }
+        }
+        None
+    }
+
+    #[inline(never)]
+    fn seek(&mut self, b: u64) -> Result<Option<u32>> {
         loop {
-            while self.pos < self.entries.len() && self.entries[self.pos].0 < b {
+            while self.pos < self.nr && self.key(self.pos) < b {
                 self.pos += 1;
             }
-            if self.pos < self.entries.len() {
-                let (k, v) = self.entries[self.pos];
-                return Ok((k == b).then_some(v));
+            if self.pos < self.nr {
+                return Ok((self.key(self.pos) == b).then(|| self.count(self.pos)));
             }
-            if self.next_leaf >= self.leaves.len() {
+            self.enter_next_leaf()?;
+            if self.nr == 0
+                && self.entered == self.order.len()
+                && self.next_leaf >= self.leaves.len()
+            {
                 return Ok(None);
+            }
+        }
+    }
+
+    /// Make the next leaf in key order the current one, reading the next
+    /// batch when this one is used up. A leaf that cannot be read or is
+    /// not a valid ref-count leaf is passed over, reported once here.
+    fn enter_next_leaf(&mut self) -> Result<()> {
+        self.nr = 0;
+        self.pos = 0;
+        if self.entered == self.order.len() {
+            if self.next_leaf >= self.leaves.len() {
+                return Ok(());
             }
             // The next few leaves at once: fewer, larger reads.
             let end = (self.next_leaf + CURSOR_BATCH).min(self.leaves.len());
             let batch = &self.leaves[self.next_leaf..end];
             self.next_leaf = end;
-            self.entries.clear();
-            self.pos = 0;
-            let entries = &mut self.entries;
+            self.sorted.clear();
+            self.sorted.extend_from_slice(batch);
+            self.sorted.sort_unstable();
+            self.sorted.dedup();
+            if self.buf.len() < self.sorted.len() * BLOCK_SIZE {
+                self.buf.resize(self.sorted.len() * BLOCK_SIZE, 0);
+            }
             self.dev
-                .read_in_order(batch, CURSOR_BATCH, |_, leaf, data| {
-                    let node = crate::pdata::btree::Node::parse(leaf, data?, u32::SIZE)?;
-                    let keys = node.key_area().chunks_exact(8);
-                    let counts = node.value_area().chunks_exact(4);
-                    entries.extend(keys.zip(counts).map(|(k, c)| {
-                        let k = u64::from_le_bytes(k.try_into().expect("8 bytes"));
-                        (k, u32::from_le_bytes(c.try_into().expect("4 bytes")))
-                    }));
-                    Ok::<(), Error>(())
-                })?;
+                .read_sorted(&self.sorted, &mut self.buf, &mut self.failed);
+            self.order.clear();
+            for leaf in batch {
+                // Present: `sorted` holds every leaf of the batch.
+                if let Ok(slot) = self.sorted.binary_search(leaf) {
+                    self.order.push(slot);
+                }
+            }
+            self.entered = 0;
         }
+        let slot = self.order[self.entered];
+        self.entered += 1;
+        if let Some(e) = self.failed[slot].clone() {
+            return Err(e);
+        }
+        let at = slot * BLOCK_SIZE;
+        let node = crate::pdata::btree::Node::parse(
+            self.sorted[slot],
+            &self.buf[at..at + BLOCK_SIZE],
+            u32::SIZE,
+        )?;
+        (self.at, self.nr, self.max) = (at, node.nr_entries(), node.max_entries());
+        Ok(())
     }
 }
 
@@ -410,16 +502,15 @@ impl DiskSpaceMap {
         let next = std::sync::atomic::AtomicUsize::new(0);
         let work = || {
             let mut done = Vec::new();
+            let mut scratch = ReadScratch::default();
             loop {
                 let p = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let first = p.saturating_mul(piece);
                 if first >= n {
                     return done;
                 }
-                done.push((
-                    p,
-                    self.compare_bitmaps(dev, actual, first..n.min(first + piece)),
-                ));
+                let range = first..n.min(first + piece);
+                done.push((p, self.compare_bitmaps(dev, actual, range, &mut scratch)));
             }
         };
         let mut pieces = if parallel {
@@ -465,6 +556,7 @@ impl DiskSpaceMap {
         dev: &BlockDevice,
         actual: &RefCounts,
         range: std::ops::Range<usize>,
+        scratch: &mut ReadScratch,
     ) -> (SmDiff, u64) {
         let mut diff = SmDiff::default();
         let first_bitmap = range.start;
@@ -476,7 +568,7 @@ impl DiskSpaceMap {
             &self.ref_count_leaves,
             first_bitmap as u64 * ENTRIES_PER_BITMAP,
         );
-        dev.read_in_order(&locs, 256, |i, loc, data| {
+        dev.read_in_order_with(scratch, &locs, 256, |i, loc, data| {
             let i = first_bitmap + i;
             let bitmap = match data.and_then(|d| Bitmap::parse(loc, d)) {
                 Ok(b) => b,
@@ -523,7 +615,10 @@ impl DiskSpaceMap {
                                 },
                                 None => actual.get(b),
                             };
-                            diff.compare_block(b, 3, want, &mut rc);
+                            // Agreeing with the next ref-count entry: done.
+                            if rc.get_near(b) != Some(want) || want < 3 {
+                                diff.compare_block(b, 3, want, &mut rc);
+                            }
                         }
                         j += 32;
                         continue;
@@ -565,6 +660,7 @@ impl SmDiff {
     /// Compare block `b`'s on-disk count (its 2-bit bitmap entry `small`,
     /// 3 = look in the ref-count tree) with `want`, the references found.
     /// Returns the on-disk count.
+    #[inline]
     fn compare_block(&mut self, b: u64, small: u32, want: u32, rc: &mut RefCountCursor) -> u32 {
         let disk = if small == 3 {
             match rc.get(b) {
