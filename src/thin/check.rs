@@ -438,12 +438,17 @@ struct Split {
     /// Run the second worker on a thread of its own (false: as when the
     /// thread cannot be started).
     second_thread: bool,
+    /// Metadata blocks in use (as the superblock's space map says) from
+    /// which the space maps are loaded on a thread of their own beside the
+    /// walk: on a small pool starting the thread costs more than it saves.
+    space_map_thread_from: u64,
 }
 
 const SPLIT: Split = Split {
     leaf_batch: LEAF_BATCH,
     stripe_shift: STRIPE_SHIFT,
     second_thread: true,
+    space_map_thread_from: 1 << 14,
 };
 
 /// Split packed runs at stripe boundaries (stripes of `1 << shift` blocks)
@@ -715,7 +720,10 @@ fn check_split(
     // for the other.
     let (walks, loaded) = std::thread::scope(|scope| {
         let sb = &sb;
-        let loading = if opts.metadata_snap || !split.second_thread {
+        let loading = if opts.metadata_snap
+            || !split.second_thread
+            || sb.metadata_sm().nr_allocated < split.space_map_thread_from
+        {
             None
         } else {
             std::thread::Builder::new()
@@ -1318,16 +1326,19 @@ mod tests {
             leaf_batch: 3,
             stripe_shift: 4,
             second_thread: false,
+            space_map_thread_from: 0,
         };
         let one = Split {
             leaf_batch: 1 << 20,
             stripe_shift: 63,
             second_thread: true,
+            space_map_thread_from: u64::MAX,
         };
         let two = Split {
             leaf_batch: 1,
             stripe_shift: 4,
             second_thread: true,
+            space_map_thread_from: 0,
         };
         let opts = CheckOptions {
             keep_counts: true,
@@ -1337,7 +1348,8 @@ mod tests {
             let dev = BlockDevice::open(f.path(), OpenMode::ReadOnly).unwrap();
             let a = check_split(&dev, &opts, &mut |_, _| {}, one);
             // Two threads, and one thread taking both workers' batches (as
-            // when the second thread cannot be started).
+            // when the second thread cannot be started); `one` loads the
+            // space maps after the walk, `two` beside it.
             for split in [two, alone] {
                 let b = check_split(&dev, &opts, &mut |_, _| {}, split);
                 assert_eq!(
