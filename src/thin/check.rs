@@ -222,8 +222,7 @@ impl DataScan {
             if (block ^ (block + len - 1)) >> stripe_shift == 0 {
                 runs[((block >> stripe_shift) & 1) as usize].push(run);
             } else {
-                let [even, odd] = runs;
-                route_runs(&[run], stripe_shift, 0, even, odd);
+                cut_run(run, stripe_shift, runs);
             }
         }
         if bad {
@@ -451,26 +450,21 @@ const SPLIT: Split = Split {
     space_map_thread_from: 1 << 14,
 };
 
-/// Split packed runs at stripe boundaries (stripes of `1 << shift` blocks)
-/// into the runs worker `id` counts and the runs the other worker counts.
-fn route_runs(runs: &[u64], shift: u32, id: usize, mine: &mut Vec<u64>, theirs: &mut Vec<u64>) {
-    for &r in runs {
-        let mut start = r >> RUN_LEN_BITS;
-        let end = start + (r & MAX_RUN);
-        loop {
-            let stripe_end = ((start >> shift) + 1) << shift;
-            let piece_end = end.min(stripe_end);
-            let piece = start << RUN_LEN_BITS | (piece_end - start);
-            if ((start >> shift) & 1) as usize == id {
-                mine.push(piece);
-            } else {
-                theirs.push(piece);
-            }
-            if piece_end == end {
-                break;
-            }
-            start = piece_end;
+/// Cut a packed run that crosses stripe boundaries (stripes of
+/// `1 << shift` blocks) into one piece per stripe, each pushed to the
+/// vector of its stripe's parity. Rare: runs are short beside a stripe.
+#[cold]
+fn cut_run(run: u64, shift: u32, runs: &mut [Vec<u64>; 2]) {
+    let mut start = run >> RUN_LEN_BITS;
+    let end = start + (run & MAX_RUN);
+    loop {
+        let stripe_end = ((start >> shift) + 1) << shift;
+        let piece_end = end.min(stripe_end);
+        runs[((start >> shift) & 1) as usize].push(start << RUN_LEN_BITS | (piece_end - start));
+        if piece_end == end {
+            break;
         }
+        start = piece_end;
     }
 }
 
