@@ -17,6 +17,8 @@
 
 use std::collections::HashMap;
 
+use super::mem::HugeZeroed;
+
 /// Blocks per chunk.
 const CHUNK_SHIFT: u32 = 16;
 const CHUNK: u64 = 1 << CHUNK_SHIFT;
@@ -30,7 +32,6 @@ pub const SLAB_CHUNKS: usize = 64;
 /// Blocks per slab (4 Mi): counts filled by two threads are split on
 /// multiples of this (see [`RefCounts::absorb`]).
 pub const SLAB_SHIFT: u32 = CHUNK_SHIFT + 6;
-const HUGE_PAGE: usize = 2 << 20;
 /// A nibble of this value means: look in the overflow map.
 const BIG: u64 = 15;
 /// The low bit of every 2-bit field / nibble.
@@ -50,67 +51,28 @@ enum Width {
 
 /// The memory of up to [`SLAB_CHUNKS`] chunks, a slot of [`WIDE_WORDS`]
 /// each, zeroed. Counting references to fragmented data touches counts at
-/// random over hundreds of MiB: with 4 KiB pages nearly every touch misses
-/// the TLB too (a page walk, dearer still in a VM). So a full slab sits in
-/// one 2 MiB-aligned stretch the kernel is asked to back with a huge page
-/// (where transparent huge pages are off it is ordinary memory, paid for
-/// page by page as it is touched).
-#[derive(Debug)]
+/// random over hundreds of MiB: a full slab is one huge page (see
+/// [`HugeZeroed`]).
+#[derive(Debug, Clone)]
 struct Slab {
-    /// Zeroed by the allocator (fresh pages: untouched parts cost nothing).
-    mem: Box<[u64]>,
-    /// Word offset of slot 0 in `mem`.
-    base: usize,
-    slots: usize,
+    mem: HugeZeroed,
 }
 
 impl Slab {
     fn new(slots: usize) -> Slab {
-        let words = slots * WIDE_WORDS;
-        if slots < SLAB_CHUNKS {
-            return Slab {
-                mem: vec![0u64; words].into_boxed_slice(),
-                base: 0,
-                slots,
-            };
+        Slab {
+            mem: HugeZeroed::new(slots * WIDE_WORDS),
         }
-        // Room to start at a 2 MiB boundary; the slack is never touched.
-        let mem = vec![0u64; words + HUGE_PAGE / 8].into_boxed_slice();
-        let addr = mem.as_ptr() as usize;
-        let base = (addr.next_multiple_of(HUGE_PAGE) - addr) / 8;
-        #[cfg(target_os = "linux")]
-        // SAFETY: the range lies inside `mem`; advice changes no contents.
-        unsafe {
-            libc::madvise(
-                mem.as_ptr().add(base) as *mut libc::c_void,
-                words * 8,
-                libc::MADV_HUGEPAGE,
-            );
-        }
-        Slab { mem, base, slots }
     }
 
     #[inline(always)]
     fn slot(&self, i: usize) -> &[u64] {
-        let at = self.base + i * WIDE_WORDS;
-        &self.mem[at..at + WIDE_WORDS]
+        &self.mem.words()[i * WIDE_WORDS..(i + 1) * WIDE_WORDS]
     }
 
     #[inline(always)]
     fn slot_mut(&mut self, i: usize) -> &mut [u64] {
-        let at = self.base + i * WIDE_WORDS;
-        &mut self.mem[at..at + WIDE_WORDS]
-    }
-}
-
-impl Clone for Slab {
-    /// A copy of the slots only (the alignment slack stays untouched).
-    fn clone(&self) -> Slab {
-        let mut s = Slab::new(self.slots);
-        for i in 0..self.slots {
-            s.slot_mut(i).copy_from_slice(self.slot(i));
-        }
-        s
+        &mut self.mem.words_mut()[i * WIDE_WORDS..(i + 1) * WIDE_WORDS]
     }
 }
 

@@ -6,6 +6,7 @@ pub mod checksum;
 pub mod counts;
 pub mod error;
 pub mod io;
+pub mod mem;
 pub mod pack;
 pub mod scan;
 pub mod space_map;

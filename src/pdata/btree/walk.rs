@@ -22,6 +22,7 @@ use super::node::Node;
 use crate::pdata::counts::RefCounts;
 use crate::pdata::error::{Error, Result};
 use crate::pdata::io::BlockDevice;
+use crate::pdata::mem::HugeZeroed;
 use crate::pdata::BLOCK_SIZE;
 
 /// Trees deeper than this are treated as damaged (real ones are 1–5 levels).
@@ -78,9 +79,10 @@ pub struct Walker<'d> {
     /// Leaf sequences of all walks; shared subtrees are copied from here.
     arena: Vec<u64>,
     /// Per block: for a leaf, the intersection `[lo, hi)` of the key ranges
-    /// its parents give it; (0, 0) for none (a real range has hi > 0).
-    /// Allocated (zeroed, so untouched pages cost nothing) at the first leaf.
-    leaf_bounds: Vec<(u64, u64)>,
+    /// its parents give it; (0, 0) for none (a real range has hi > 0):
+    /// words `2b` and `2b + 1`. Allocated (zeroed, so untouched pages cost
+    /// nothing) at the first leaf; reached at random (leaves lie anywhere).
+    leaf_bounds: HugeZeroed,
     /// Leaves reached for the first time, in discovery order, since the last take.
     fresh: Vec<u64>,
     refs: Option<RefCounts>,
@@ -98,7 +100,7 @@ impl<'d> Walker<'d> {
             is_internal: FixedBitSet::with_capacity(nr),
             broken: FixedBitSet::with_capacity(nr),
             arena: Vec::new(),
-            leaf_bounds: Vec::new(),
+            leaf_bounds: HugeZeroed::new(0),
             fresh: Vec::new(),
             refs: None,
             issues: Vec::new(),
@@ -112,8 +114,9 @@ impl<'d> Walker<'d> {
     /// for many trees does not pay for a zeroed array per tree.
     fn reset(&mut self) {
         if !self.leaf_bounds.is_empty() {
+            let words = self.leaf_bounds.words_mut();
             for b in self.seen.ones() {
-                self.leaf_bounds[b] = (0, 0);
+                words[2 * b..2 * b + 2].fill(0);
             }
         }
         self.seen.clear();
@@ -181,18 +184,28 @@ impl<'d> Walker<'d> {
 
     /// The key range the parents give `leaf` (`0..u64::MAX` when unknown).
     fn leaf_range(&self, leaf: u64) -> (u64, u64) {
-        self.leaf_bounds
-            .get(leaf as usize)
-            .copied()
-            .filter(|r| r.1 != 0)
-            .unwrap_or((0, u64::MAX))
+        self.leaf_bounds_of(leaf).unwrap_or((0, u64::MAX))
+    }
+
+    /// The key range the parents give `leaf`, if any gave one.
+    #[inline]
+    fn leaf_bounds_of(&self, leaf: u64) -> Option<(u64, u64)> {
+        let i = (leaf as usize).checked_mul(2)?;
+        let hi = self.leaf_bounds.get(i + 1).filter(|&hi| hi != 0)?;
+        Some((self.leaf_bounds.words()[i], hi))
+    }
+
+    fn alloc_leaf_bounds(&mut self) {
+        if self.leaf_bounds.is_empty() {
+            self.leaf_bounds = HugeZeroed::new(2 * self.dev.nr_blocks() as usize);
+        }
     }
 
     /// Validate a leaf read by the caller: node checks, the leaf flag, and
     /// keys inside every range its parents give it.
     pub fn check_leaf<'a>(&self, loc: u64, data: &'a [u8], value_size: usize) -> Result<Node<'a>> {
         let node = parse_leaf(loc, data, value_size)?;
-        if let Some(&(lo, hi)) = self.leaf_bounds.get(loc as usize).filter(|r| r.1 != 0) {
+        if let Some((lo, hi)) = self.leaf_bounds_of(loc) {
             if let (Some(first), Some(last)) = (node.first_key(), node.last_key()) {
                 if first < lo || last >= hi {
                     return Err(Error::invalid(
@@ -312,16 +325,14 @@ impl<'d> Walker<'d> {
     /// each one's range is a cache miss, and a node's worth of misses is
     /// better under way at once than one after another.
     fn prefetch_leaf_ranges(&mut self, leaves: impl Iterator<Item = u64>) {
-        if self.leaf_bounds.is_empty() {
-            self.leaf_bounds = vec![(0, 0); self.dev.nr_blocks() as usize];
-        }
+        self.alloc_leaf_bounds();
         #[cfg(target_arch = "x86_64")]
         for leaf in leaves {
-            if let Some(r) = self.leaf_bounds.get(leaf as usize) {
+            if let Some(r) = self.leaf_bounds.words().get(2 * leaf as usize) {
                 // SAFETY: prefetching is a hint; the address is in bounds.
                 unsafe {
                     std::arch::x86_64::_mm_prefetch(
-                        (r as *const (u64, u64)).cast::<i8>(),
+                        (r as *const u64).cast::<i8>(),
                         std::arch::x86_64::_MM_HINT_T0,
                     )
                 };
@@ -333,18 +344,27 @@ impl<'d> Walker<'d> {
 
     fn reach_leaf(&mut self, leaf: u64, (lo, hi): (u64, u64)) {
         self.arena.push(leaf);
-        if self.leaf_bounds.is_empty() {
-            self.leaf_bounds = vec![(0, 0); self.dev.nr_blocks() as usize];
-        }
-        let r = &mut self.leaf_bounds[leaf as usize];
-        *r = if r.1 == 0 {
-            (lo, hi)
-        } else {
-            (r.0.max(lo), r.1.min(hi))
-        };
+        self.alloc_leaf_bounds();
+        let i = 2 * leaf as usize;
+        let words = self.leaf_bounds.words_mut();
         if !self.seen.put(leaf as usize) {
+            // Written without a look first: a block reached for the first
+            // time has no range yet, and its page is not read before it is
+            // written (see `pdata::mem`).
+            words[i] = lo;
+            words[i + 1] = hi;
             self.fresh.push(leaf);
-        } else if self.is_internal.contains(leaf as usize) || self.broken.contains(leaf as usize) {
+            return;
+        }
+        if words[i + 1] == 0 {
+            // Seen as something else first (reported below).
+            words[i] = lo;
+            words[i + 1] = hi;
+        } else {
+            words[i] = words[i].max(lo);
+            words[i + 1] = words[i + 1].min(hi);
+        }
+        if self.is_internal.contains(leaf as usize) || self.broken.contains(leaf as usize) {
             self.arena.pop();
             self.issue(
                 Error::invalid(leaf, "block is used both as an internal node and as a leaf"),

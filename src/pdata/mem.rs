@@ -1,0 +1,110 @@
+//! Large zeroed arrays touched at random (per-block tables over a whole
+//! device).
+//!
+//! Two costs of such arrays are not in the code that uses them:
+//! * with 4 KiB pages nearly every random touch of a table of tens or
+//!   hundreds of MiB misses the TLB too (a page walk, dearer still in a
+//!   VM). So the array sits in 2 MiB-aligned stretches the kernel is asked
+//!   to back with huge pages (where transparent huge pages are off it is
+//!   ordinary memory, paid for page by page as it is touched).
+//! * a page first *read* is mapped to the shared zero page; the first
+//!   write then replaces it, which flushes that address from every core's
+//!   TLB: an interrupt to the other core when the process has two threads
+//!   running. Callers touch a fresh element by writing it first where they
+//!   can (see [`HugeZeroed::get`]).
+
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A zeroed array of `u64`, huge-page aligned when it is large enough to
+/// hold a huge page.
+#[derive(Debug)]
+pub struct HugeZeroed {
+    /// Zeroed by the allocator (fresh pages: untouched parts cost nothing).
+    mem: Box<[u64]>,
+    /// Offset of element 0 in `mem`.
+    base: usize,
+    len: usize,
+}
+
+impl HugeZeroed {
+    pub fn new(len: usize) -> HugeZeroed {
+        if len * 8 < HUGE_PAGE {
+            return HugeZeroed {
+                mem: vec![0u64; len].into_boxed_slice(),
+                base: 0,
+                len,
+            };
+        }
+        // Room to start at a 2 MiB boundary; the slack is never touched.
+        let mem = vec![0u64; len + HUGE_PAGE / 8].into_boxed_slice();
+        let addr = mem.as_ptr() as usize;
+        let base = (addr.next_multiple_of(HUGE_PAGE) - addr) / 8;
+        #[cfg(target_os = "linux")]
+        // SAFETY: the range lies inside `mem`; advice changes no contents.
+        unsafe {
+            libc::madvise(
+                mem.as_ptr().add(base) as *mut libc::c_void,
+                len * 8,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+        HugeZeroed { mem, base, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    #[inline(always)]
+    pub fn words(&self) -> &[u64] {
+        &self.mem[self.base..self.base + self.len]
+    }
+
+    #[inline(always)]
+    pub fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.mem[self.base..self.base + self.len]
+    }
+
+    /// Element `i`, or None past the end. Reading an element no one wrote
+    /// maps its page to the zero page (see the module notes).
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> Option<u64> {
+        self.words().get(i).copied()
+    }
+}
+
+impl Clone for HugeZeroed {
+    /// A copy of the elements only (the alignment slack stays untouched).
+    fn clone(&self) -> HugeZeroed {
+        let mut c = HugeZeroed::new(self.len);
+        c.words_mut().copy_from_slice(self.words());
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroed_and_aligned_when_large() {
+        for len in [0, 1, 1000, HUGE_PAGE / 8, 3 * HUGE_PAGE / 8 + 5] {
+            let mut z = HugeZeroed::new(len);
+            assert_eq!(z.len(), len);
+            assert!(z.words().iter().all(|&w| w == 0));
+            if len * 8 >= HUGE_PAGE {
+                assert_eq!(z.words().as_ptr() as usize % HUGE_PAGE, 0);
+            }
+            if len > 0 {
+                z.words_mut()[len - 1] = 7;
+                let c = z.clone();
+                assert_eq!(c.get(len - 1), Some(7));
+                assert_eq!(c.get(len), None);
+            }
+        }
+    }
+}
