@@ -476,10 +476,21 @@ impl DiskSpaceMap {
         )
     }
 
+    /// Whether the index says any of `blocks` is allocated: from the
+    /// index entries' free counts alone (no bitmap is read), so only a
+    /// hint, for deciding where memory for counts is worth preparing.
+    pub fn any_allocated(&self, blocks: std::ops::Range<u64>) -> bool {
+        let first = (blocks.start / ENTRIES_PER_BITMAP) as usize;
+        let end = (blocks.end.div_ceil(ENTRIES_PER_BITMAP) as usize).min(self.index.len());
+        self.index
+            .get(first..end)
+            .is_some_and(|es| es.iter().any(|e| u64::from(e.nr_free) < ENTRIES_PER_BITMAP))
+    }
+
     /// Compare every block's on-disk count with `actual`, reading the bitmaps
     /// in sorted batches. Entries beyond `nr_blocks` in the last bitmap are
     /// ignored. A large map (a 16 GiB pool's data space map has 40,000
-    /// bitmaps) is compared in two halves on two threads; the result is the
+    /// bitmaps) is compared in pieces by two threads; the result is the
     /// same as one pass in block order.
     pub fn compare(&self, dev: &BlockDevice, actual: &RefCounts) -> SmDiff {
         self.compare_split(dev, actual, PARALLEL_COMPARE_BITMAPS, COMPARE_PIECE)
