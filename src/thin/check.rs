@@ -500,13 +500,14 @@ impl LeafContext<'_> {
     fn work<'b>(
         &self,
         id: usize,
+        counts: RefCounts,
         batches: impl Iterator<Item = &'b [u64]>,
         to_other: std::sync::mpsc::Sender<Vec<u64>>,
         from_other: std::sync::mpsc::Receiver<Vec<u64>>,
         progress: &mut dyn FnMut(u64),
     ) -> LeafWork {
         let mut w = LeafWork {
-            counts: RefCounts::new(self.nr_data_blocks),
+            counts,
             scan: DataScan::new(self.nr_data_blocks, self.sb_time),
             leaf_errors: Vec::new(),
             fill_issues: Vec::new(),
@@ -568,23 +569,61 @@ struct LoadedSpaceMaps {
     metadata: DiskSpaceMap,
     metadata_errors: Vec<PError>,
     counts: RefCounts,
+    /// Data counts for the two leaf workers, made ready (see
+    /// [`prepared_leaf_counts`]) when loading was asked to.
+    leaf_counts: Option<[RefCounts; 2]>,
 }
 
-/// Load both space maps of `sb` with a walker of their own.
-fn load_space_maps(dev: &BlockDevice, sb: &Superblock) -> LoadedSpaceMaps {
+/// Load both space maps of `sb` with a walker of their own; with
+/// `stripe_shift`, also prepare the leaf workers' data counts for stripes
+/// of that size.
+fn load_space_maps(
+    dev: &BlockDevice,
+    sb: &Superblock,
+    stripe_shift: Option<u32>,
+) -> LoadedSpaceMaps {
     let mut walker = Walker::new(dev).with_ref_counts();
     let (data, data_errors) = DiskSpaceMap::load_data(&mut walker, sb.data_sm());
     let (metadata, metadata_errors) = DiskSpaceMap::load_metadata(&mut walker, sb.metadata_sm());
     let counts = walker
         .take_ref_counts()
         .unwrap_or_else(|| RefCounts::new(dev.nr_blocks()));
+    let leaf_counts =
+        stripe_shift.map(|shift| prepared_leaf_counts(&data, sb.data_sm().nr_blocks, shift));
     LoadedSpaceMaps {
         data,
         data_errors,
         metadata,
         metadata_errors,
         counts,
+        leaf_counts,
     }
+}
+
+/// Data counts for leaf workers 0 and 1 (worker `id` counts the stripes
+/// of `1 << stripe_shift` blocks of parity `id`), each with the slabs it
+/// will count in allocated and faulted in: those of its stripes the data
+/// space map's index says hold allocated blocks. Done by the space-map
+/// thread, which finishes well before the walk: otherwise the kernel
+/// zeroes those hundreds of MiB (huge pages) inside the leaf workers'
+/// first counts.
+fn prepared_leaf_counts(
+    data_sm: &DiskSpaceMap,
+    nr_data_blocks: u64,
+    stripe_shift: u32,
+) -> [RefCounts; 2] {
+    let owns = |id: usize, r: &std::ops::Range<u64>| {
+        r.start >> stripe_shift != (r.end - 1) >> stripe_shift
+            || ((r.start >> stripe_shift) & 1) as usize == id
+    };
+    let mut counts = [
+        RefCounts::new(nr_data_blocks),
+        RefCounts::new(nr_data_blocks),
+    ];
+    for (id, c) in counts.iter_mut().enumerate() {
+        c.prefault_slabs(|r| owns(id, &r) && data_sm.any_allocated(r));
+    }
+    counts
 }
 
 struct DeviceWalk {
@@ -712,7 +751,7 @@ fn check_split(
     // meanwhile (their trees walked, their leaves validated and their
     // blocks counted by a walker of its own), so neither serial part waits
     // for the other.
-    let (walks, loaded) = std::thread::scope(|scope| {
+    let (walks, mut loaded) = std::thread::scope(|scope| {
         let sb = &sb;
         let loading = if opts.metadata_snap
             || !split.second_thread
@@ -720,8 +759,14 @@ fn check_split(
         {
             None
         } else {
+            // First the memory of the walker's leaf ranges is faulted in,
+            // ahead of the walk's first touches.
+            let leaf_bounds = walker.leaf_bounds_memory();
             std::thread::Builder::new()
-                .spawn_scoped(scope, move || load_space_maps(dev, sb))
+                .spawn_scoped(scope, move || {
+                    leaf_bounds.run();
+                    load_space_maps(dev, sb, Some(split.stripe_shift))
+                })
                 .ok()
         };
         let mut walks = Vec::with_capacity(devices.len());
@@ -790,6 +835,15 @@ fn check_split(
     let batches = fresh.chunks(split.leaf_batch);
     // Worker 0 (this thread) takes the even batches and counts the even
     // stripes, worker 1 the odd ones.
+    let [even_counts, odd_counts] = loaded
+        .as_mut()
+        .and_then(|l| l.leaf_counts.take())
+        .unwrap_or_else(|| {
+            [
+                RefCounts::new(nr_data_blocks),
+                RefCounts::new(nr_data_blocks),
+            ]
+        });
     let (to_odd, from_even) = std::sync::mpsc::channel::<Vec<u64>>();
     let (to_even, from_odd) = std::sync::mpsc::channel::<Vec<u64>>();
     let (even, odd) = std::thread::scope(|scope| {
@@ -798,7 +852,7 @@ fn check_split(
         let spawned = if split.second_thread {
             std::thread::Builder::new()
                 .spawn_scoped(scope, move || {
-                    ctx.work(1, odd_batches, to_even, from_even, &mut |_| {})
+                    ctx.work(1, odd_counts, odd_batches, to_even, from_even, &mut |_| {})
                 })
                 .ok()
         } else {
@@ -806,14 +860,21 @@ fn check_split(
         };
         match spawned {
             Some(odd) => {
-                let even = ctx.work(0, batches.step_by(2), to_odd, from_odd, &mut |d| {
-                    progress(d, total)
-                });
+                let even = ctx.work(
+                    0,
+                    even_counts,
+                    batches.step_by(2),
+                    to_odd,
+                    from_odd,
+                    &mut |d| progress(d, total),
+                );
                 (even, odd.join().map(Some))
             }
             None => {
                 // No second thread (a process limit): this one takes every
-                // batch and every stripe.
+                // batch and every stripe (the odd stripes' prepared counts
+                // went with the closure that never ran: they are made anew
+                // as counted).
                 let alone = LeafContext {
                     split: Split {
                         stripe_shift: 63,
@@ -824,9 +885,14 @@ fn check_split(
                 // A channel of its own: with one stripe nothing is sent,
                 // and its end is not held by a closure that never ran.
                 let (to_self, from_self) = std::sync::mpsc::channel::<Vec<u64>>();
-                let all = alone.work(0, batches.step_by(1), to_self, from_self, &mut |d| {
-                    progress(d, total)
-                });
+                let all = alone.work(
+                    0,
+                    even_counts,
+                    batches.step_by(1),
+                    to_self,
+                    from_self,
+                    &mut |d| progress(d, total),
+                );
                 (all, Ok(None))
             }
         }
@@ -972,7 +1038,8 @@ fn check_split(
         metadata: meta_sm,
         metadata_errors,
         counts: sm_counts,
-    } = loaded.unwrap_or_else(|| load_space_maps(dev, &sb));
+        ..
+    } = loaded.unwrap_or_else(|| load_space_maps(dev, &sb, None));
     for e in &data_errors {
         report.fatal("data space map", e);
     }

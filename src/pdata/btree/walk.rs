@@ -22,7 +22,7 @@ use super::node::Node;
 use crate::pdata::counts::RefCounts;
 use crate::pdata::error::{Error, Result};
 use crate::pdata::io::BlockDevice;
-use crate::pdata::mem::HugeZeroed;
+use crate::pdata::mem::{HugeZeroed, Populate};
 use crate::pdata::BLOCK_SIZE;
 
 /// Trees deeper than this are treated as damaged (real ones are 1–5 levels).
@@ -193,6 +193,15 @@ impl<'d> Walker<'d> {
         let i = (leaf as usize).checked_mul(2)?;
         let hi = self.leaf_bounds.get(i + 1).filter(|&hi| hi != 0)?;
         Some((self.leaf_bounds.words()[i], hi))
+    }
+
+    /// Allocate the per-block leaf ranges now, and return a handle that
+    /// faults their memory in (tens of MiB on a large pool, zeroed by the
+    /// kernel at first touch) from a thread with time to spare, while this
+    /// walker walks.
+    pub fn leaf_bounds_memory(&mut self) -> Populate {
+        self.alloc_leaf_bounds();
+        self.leaf_bounds.populate_handle()
     }
 
     fn alloc_leaf_bounds(&mut self) {
