@@ -111,7 +111,15 @@ impl<'a> Node<'a> {
             max,
             value_size,
         };
-        for i in 1..nr {
+        // Every key above the one before: without a branch a key (a leaf
+        // holds up to 254; a 16 GiB pool has millions of leaves), then the
+        // first offender looked for only when there is one.
+        let keys = &data[NODE_HEADER_SIZE..NODE_HEADER_SIZE + 8 * nr];
+        let unordered = keys
+            .chunks_exact(8)
+            .zip(keys.chunks_exact(8).skip(1))
+            .fold(false, |bad, (a, b)| bad | (le64(b, 0) <= le64(a, 0)));
+        for i in (1..nr).filter(|_| unordered) {
             if node.key(i) <= node.key(i - 1) {
                 return Err(Error::invalid(
                     loc,
@@ -277,6 +285,32 @@ mod tests {
         assert_eq!(max_entries(16), 168);
         assert_eq!(max_entries(24), 126);
         assert_eq!(max_entries(4), 336);
+    }
+
+    #[test]
+    fn keys_must_rise() {
+        let vals: Vec<[u8; 8]> = (0..200u64).map(|v| v.to_le_bytes()).collect();
+        let refs: Vec<&[u8]> = vals.iter().map(|v| &v[..]).collect();
+        let rising: Vec<u64> = (0..200u64).map(|k| 3 * k + 1).collect();
+        assert!(Node::parse(7, &build(7, true, &rising, &refs, 8), 8).is_ok());
+        // A fall, or a repeat, anywhere: the first one is named.
+        for (at, key) in [(1, 1), (150, 2), (199, 3 * 198 + 1), (120, 0)] {
+            let mut keys = rising.clone();
+            keys[at] = key;
+            let b = build(7, true, &keys, &refs, 8);
+            let Err(e) = Node::parse(7, &b, 8) else {
+                panic!("keys {keys:?} accepted");
+            };
+            let first_bad = (1..200).find(|&i| keys[i] <= keys[i - 1]).unwrap();
+            let want = format!(
+                "key {} ({}) follows key {} ({})",
+                first_bad,
+                keys[first_bad],
+                first_bad - 1,
+                keys[first_bad - 1]
+            );
+            assert!(e.to_string().contains(&want), "{e} lacks {want}");
+        }
     }
 
     #[test]
