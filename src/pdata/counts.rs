@@ -168,21 +168,23 @@ impl RefCounts {
         (w, self.slot_mut(c))
     }
 
-    /// Allocate now every slab (4 Mi blocks) whose block range `want`
-    /// accepts, its memory faulted in ([`HugeZeroed::new_faulted_in`]): for a
-    /// thread with time to spare, ahead of counting that will touch them.
-    /// No count changes.
-    pub fn prefault_slabs(&mut self, mut want: impl FnMut(std::ops::Range<u64>) -> bool) {
+    /// The blocks of each slab (4 Mi blocks), in order.
+    pub fn slab_ranges(&self) -> impl Iterator<Item = std::ops::Range<u64>> {
+        let n = self.nr_blocks;
+        (0..self.slabs.len() as u64).map(move |s| s << SLAB_SHIFT..((s + 1) << SLAB_SHIFT).min(n))
+    }
+
+    /// Allocate now the slab holding block `b`, its memory faulted in
+    /// ([`HugeZeroed::new_faulted_in`]): for a thread with time to spare,
+    /// ahead of counting that will touch it. No count changes.
+    pub fn prefault_slab(&mut self, b: u64) {
+        let s = (b >> SLAB_SHIFT) as usize;
         let nr_chunks = self.widths.len();
-        for s in 0..self.slabs.len() {
-            let first = (s as u64) << SLAB_SHIFT;
-            let blocks = first..((s as u64 + 1) << SLAB_SHIFT).min(self.nr_blocks);
-            if self.slabs[s].is_none() && want(blocks) {
-                let slots = SLAB_CHUNKS.min(nr_chunks - s * SLAB_CHUNKS);
-                self.slabs[s] = Some(Slab {
-                    mem: HugeZeroed::new_faulted_in(slots * WIDE_WORDS),
-                });
-            }
+        if s < self.slabs.len() && self.slabs[s].is_none() {
+            let slots = SLAB_CHUNKS.min(nr_chunks - s * SLAB_CHUNKS);
+            self.slabs[s] = Some(Slab {
+                mem: HugeZeroed::new_faulted_in(slots * WIDE_WORDS),
+            });
         }
     }
 
@@ -682,8 +684,11 @@ mod tests {
         let mut want: HashMap<u64, u32> = HashMap::new();
         let (mut lower, mut upper) = (RefCounts::new(n), RefCounts::new(n));
         if prefaulted {
-            lower.prefault_slabs(|r| r.start < n);
-            upper.prefault_slabs(|_| true);
+            for r in lower.slab_ranges().collect::<Vec<_>>() {
+                lower.prefault_slab(r.start);
+                upper.prefault_slab(r.start);
+            }
+            upper.prefault_slab(n);
             assert_eq!(lower.nr_allocated(), 0);
         }
         let mut x = 4242u64;

@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU64, AtomicU8};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8};
 
 use crate::pdata::btree::{Issue, TreeLeaves, Walker};
 use crate::pdata::counts::RefCounts;
@@ -575,12 +575,12 @@ struct LoadedSpaceMaps {
 }
 
 /// Load both space maps of `sb` with a walker of their own; with
-/// `stripe_shift`, also prepare the leaf workers' data counts for stripes
-/// of that size.
+/// `(stripe_shift, walk_done)`, also prepare the leaf workers' data counts
+/// for stripes of that size until the walk is done.
 fn load_space_maps(
     dev: &BlockDevice,
     sb: &Superblock,
-    stripe_shift: Option<u32>,
+    prepare: Option<(u32, &AtomicBool)>,
 ) -> LoadedSpaceMaps {
     let mut walker = Walker::new(dev).with_ref_counts();
     let (data, data_errors) = DiskSpaceMap::load_data(&mut walker, sb.data_sm());
@@ -588,8 +588,8 @@ fn load_space_maps(
     let counts = walker
         .take_ref_counts()
         .unwrap_or_else(|| RefCounts::new(dev.nr_blocks()));
-    let leaf_counts =
-        stripe_shift.map(|shift| prepared_leaf_counts(&data, sb.data_sm().nr_blocks, shift));
+    let leaf_counts = prepare
+        .map(|(shift, done)| prepared_leaf_counts(&data, sb.data_sm().nr_blocks, shift, done));
     LoadedSpaceMaps {
         data,
         data_errors,
@@ -604,13 +604,15 @@ fn load_space_maps(
 /// of `1 << stripe_shift` blocks of parity `id`), each with the slabs it
 /// will count in allocated and faulted in: those of its stripes the data
 /// space map's index says hold allocated blocks. Done by the space-map
-/// thread, which finishes well before the walk: otherwise the kernel
-/// zeroes those hundreds of MiB (huge pages) inside the leaf workers'
-/// first counts.
+/// thread while the walk goes on: otherwise the kernel zeroes those
+/// hundreds of MiB (huge pages) inside the leaf workers' first counts.
+/// Once `walk_done` is set the rest is left to counting as it goes, so the
+/// walk never waits for this.
 fn prepared_leaf_counts(
     data_sm: &DiskSpaceMap,
     nr_data_blocks: u64,
     stripe_shift: u32,
+    walk_done: &AtomicBool,
 ) -> [RefCounts; 2] {
     let owns = |id: usize, r: &std::ops::Range<u64>| {
         r.start >> stripe_shift != (r.end - 1) >> stripe_shift
@@ -620,8 +622,19 @@ fn prepared_leaf_counts(
         RefCounts::new(nr_data_blocks),
         RefCounts::new(nr_data_blocks),
     ];
-    for (id, c) in counts.iter_mut().enumerate() {
-        c.prefault_slabs(|r| owns(id, &r) && data_sm.any_allocated(r));
+    let slabs: Vec<_> = counts[0].slab_ranges().collect();
+    for r in slabs
+        .into_iter()
+        .filter(|r| data_sm.any_allocated(r.clone()))
+    {
+        for (id, c) in counts.iter_mut().enumerate() {
+            if walk_done.load(Relaxed) {
+                return counts;
+            }
+            if owns(id, &r) {
+                c.prefault_slab(r.start);
+            }
+        }
     }
     counts
 }
@@ -751,8 +764,11 @@ fn check_split(
     // meanwhile (their trees walked, their leaves validated and their
     // blocks counted by a walker of its own), so neither serial part waits
     // for the other.
+    // Set when the walk is done: the space-map thread stops preparing.
+    let walk_done = AtomicBool::new(false);
     let (walks, mut loaded) = std::thread::scope(|scope| {
         let sb = &sb;
+        let walk_done = &walk_done;
         let loading = if opts.metadata_snap
             || !split.second_thread
             || sb.metadata_sm().nr_allocated < split.space_map_thread_from
@@ -765,7 +781,7 @@ fn check_split(
             std::thread::Builder::new()
                 .spawn_scoped(scope, move || {
                     leaf_bounds.run();
-                    load_space_maps(dev, sb, Some(split.stripe_shift))
+                    load_space_maps(dev, sb, Some((split.stripe_shift, walk_done)))
                 })
                 .ok()
         };
@@ -782,6 +798,7 @@ fn check_split(
                 prefix,
             });
         }
+        walk_done.store(true, Relaxed);
         let loaded = match loading.map(|h| h.join()) {
             Some(Ok(l)) => Some(l),
             Some(Err(p)) => std::panic::resume_unwind(p),
