@@ -88,6 +88,8 @@ pub struct Walker<'d> {
     refs: Option<RefCounts>,
     pub issues: Vec<Issue>,
     buf: Vec<u8>,
+    /// Vectors for an internal node's children, one per depth being walked.
+    spare_children: Vec<Vec<(u64, u64, u64)>>,
 }
 
 impl<'d> Walker<'d> {
@@ -105,6 +107,7 @@ impl<'d> Walker<'d> {
             refs: None,
             issues: Vec::new(),
             buf: vec![0u8; BLOCK_SIZE],
+            spare_children: Vec::new(),
         }
     }
 
@@ -337,6 +340,10 @@ impl<'d> Walker<'d> {
         self.alloc_leaf_bounds();
         #[cfg(target_arch = "x86_64")]
         for leaf in leaves {
+            // And its reference count, the other random touch per leaf.
+            if let Some(r) = &self.refs {
+                r.prefetch(leaf);
+            }
             if let Some(r) = self.leaf_bounds.words().get(2 * leaf as usize) {
                 // SAFETY: prefetching is a hint; the address is in bounds.
                 unsafe {
@@ -483,13 +490,16 @@ impl<'d> Walker<'d> {
         let first_key = node.key(0);
         let last_key = node.last_key().unwrap_or(first_key);
         let nr = node.nr_entries();
-        let children: Vec<(u64, u64, u64)> = (0..nr)
-            .map(|i| {
-                let lo = node.key(i);
-                let hi = if i + 1 < nr { node.key(i + 1) } else { keys.1 };
-                (node.child(i), lo, hi)
-            })
-            .collect();
+        // The children with their key ranges, copied out of the node (the
+        // walk below reads other nodes into the same buffer) into a vector
+        // kept for the next node at this depth.
+        let mut children = self.spare_children.pop().unwrap_or_default();
+        children.clear();
+        children.extend((0..nr).map(|i| {
+            let lo = node.key(i);
+            let hi = if i + 1 < nr { node.key(i + 1) } else { keys.1 };
+            (node.child(i), lo, hi)
+        }));
         if let Some(p) = fill {
             self.issues.push(Issue {
                 error: Error::invalid(b, p),
@@ -527,7 +537,7 @@ impl<'d> Walker<'d> {
         if height - depth == 1 {
             self.prefetch_leaf_ranges(children.iter().map(|c| c.0));
         }
-        for (child, lo, hi) in children {
+        for &(child, lo, hi) in &children {
             if let Some(r) = &mut self.refs {
                 r.inc(child);
             }
@@ -545,6 +555,7 @@ impl<'d> Walker<'d> {
                 self.descend(child, depth + 1, height, value_size, (lo, hi));
             }
         }
+        self.spare_children.push(children);
         let end = self.arena.len() as u32;
         if let Some(s) = self.internal.get_mut(&b) {
             s.end = end;
