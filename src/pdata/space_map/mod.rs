@@ -203,6 +203,90 @@ fn load_ref_count_tree(walker: &mut Walker, root: u64, errors: &mut Vec<Error>) 
 /// Ref-count leaves a [`RefCountCursor`] reads at once.
 const CURSOR_BATCH: usize = 64;
 
+/// Whether ref-count entries (`keys`: little-endian u64 blocks, `counts`:
+/// u32 counts, as many of each) are exactly the blocks `base + f` for the
+/// fields `f` set in `fields` (bit `2f`), each counted as nibble `f` of
+/// `nibbles` (15 never agrees): see [`RefCountCursor::agrees_with_word`].
+/// Without a branch an entry: the entries' blocks as fields must make up
+/// `fields` (as many entries as fields: the same set), and each count
+/// equal its nibble. A pool with many snapshots compares tens of millions
+/// of counts of 3 or more this way.
+fn entries_agree(keys: &[u8], counts: &[u8], base: u64, fields: u64, nibbles: [u64; 2]) -> bool {
+    let n = keys.len() / 8;
+    if n != counts.len() / 4 || n != fields.count_ones() as usize {
+        return false;
+    }
+    let mut done = 0;
+    let (mut seen, mut bad) = (0u64, 0u64);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        (done, seen, bad) = unsafe { entries_agree_avx2(keys, counts, base, nibbles) };
+    }
+    for (k, c) in keys[8 * done..]
+        .chunks_exact(8)
+        .zip(counts[4 * done..].chunks_exact(4))
+    {
+        let f = u64::from_le_bytes(k.try_into().unwrap()).wrapping_sub(base);
+        let nibble = (nibbles[(f as usize / 16) & 1] >> (4 * (f % 16))) & 15;
+        let count = u64::from(u32::from_le_bytes(c.try_into().unwrap()));
+        bad |= (f >> 5) | (count ^ nibble) | u64::from(nibble == 15);
+        seen |= 1 << ((2 * f) & 63);
+    }
+    bad == 0 && seen == fields
+}
+
+/// The first entries of [`entries_agree`], four at a time: returns how
+/// many it took (a multiple of four), their fields seen, and non-zero
+/// when one of them disagrees.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn entries_agree_avx2(
+    keys: &[u8],
+    counts: &[u8],
+    base: u64,
+    nibbles: [u64; 2],
+) -> (usize, u64, u64) {
+    use std::arch::x86_64::*;
+    let quads = (keys.len() / 32).min(counts.len() / 16);
+    let vbase = _mm256_set1_epi64x(base as i64);
+    let lo_n = _mm256_set1_epi64x(nibbles[0] as i64);
+    let hi_n = _mm256_set1_epi64x(nibbles[1] as i64);
+    let fifteen = _mm256_set1_epi64x(15);
+    let sixteen = _mm256_set1_epi64x(16);
+    let one = _mm256_set1_epi64x(1);
+    let (mut seen, mut bad) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+    for q in 0..quads {
+        // SAFETY: keys 4q..4q+4 (32 bytes) and counts 4q..4q+4 (16 bytes)
+        // lie inside the slices (q < quads); unaligned loads.
+        let (k, c) = unsafe {
+            (
+                _mm256_loadu_si256(keys.as_ptr().add(32 * q).cast()),
+                _mm_loadu_si128(counts.as_ptr().add(16 * q).cast()),
+            )
+        };
+        let c = _mm256_cvtepu32_epi64(c);
+        let f = _mm256_sub_epi64(k, vbase);
+        // f of 32 or more (or below base, wrapped): bits above the low five.
+        bad = _mm256_or_si256(bad, _mm256_srli_epi64::<5>(f));
+        let shift = _mm256_slli_epi64::<2>(_mm256_and_si256(f, fifteen));
+        let in_hi = _mm256_cmpeq_epi64(_mm256_and_si256(f, sixteen), sixteen);
+        let word = _mm256_blendv_epi8(lo_n, hi_n, in_hi);
+        let nibble = _mm256_and_si256(_mm256_srlv_epi64(word, shift), fifteen);
+        bad = _mm256_or_si256(bad, _mm256_xor_si256(c, nibble));
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi64(nibble, fifteen));
+        // Bit 2f (a shift of 64 or more gives 0; such an f is bad anyway).
+        seen = _mm256_or_si256(seen, _mm256_sllv_epi64(one, _mm256_slli_epi64::<1>(f)));
+    }
+    let or_lanes = |v: __m256i| {
+        let mut a = [0u64; 4];
+        // SAFETY: 32 bytes into a 32-byte array.
+        unsafe { _mm256_storeu_si256(a.as_mut_ptr().cast(), v) };
+        a[0] | a[1] | a[2] | a[3]
+    };
+    (4 * quads, or_lanes(seen), or_lanes(bad))
+}
+
 /// Reads a ref-count tree's (block, count) entries in block order, a batch
 /// of leaves at a time, for lookups in increasing block order. Entries are
 /// read where they lie in the leaves' bytes (tens of millions of them in a
@@ -309,6 +393,38 @@ impl<'a> RefCountCursor<'a> {
             }
         }
         None
+    }
+
+    /// Whether the next entries of the current leaf are exactly the
+    /// blocks `base + f` for the fields `f` set in `fields` (bit `2f`: a
+    /// bitmap word's entries of "3 or more"), each with the count held by
+    /// nibble `f` of `nibbles` (as [`RefCounts::wide_word`] gives them; 15,
+    /// "look further", never agrees). On agreement the cursor is left at
+    /// the last of them, as [`RefCountCursor::get`] of each would leave it;
+    /// otherwise it is unmoved, for block-by-block lookups to find out.
+    #[inline]
+    pub fn agrees_with_word(&mut self, base: u64, fields: u64, nibbles: [u64; 2]) -> bool {
+        let m = fields.count_ones() as usize;
+        let first = base + u64::from(fields.trailing_zeros() / 2);
+        let p0 = if self.pos < self.nr && self.key(self.pos) == first {
+            self.pos
+        } else if self.pos + 1 < self.nr && self.key(self.pos + 1) == first {
+            self.pos + 1
+        } else {
+            return false;
+        };
+        if m == 0 || p0 + m > self.nr {
+            return false;
+        }
+        let keys_at = self.at + NODE_HEADER_SIZE + 8 * p0;
+        let counts_at = self.at + NODE_HEADER_SIZE + 8 * self.max + 4 * p0;
+        let keys = &self.buf[keys_at..keys_at + 8 * m];
+        let counts = &self.buf[counts_at..counts_at + 4 * m];
+        if !entries_agree(keys, counts, base, fields, nibbles) {
+            return false;
+        }
+        self.pos = p0 + m - 1;
+        true
     }
 
     #[inline(never)]
@@ -615,6 +731,13 @@ impl DiskSpaceMap {
                         } else {
                             None
                         };
+                        // The usual case: the next ref-count entries are
+                        // those blocks, with those counts.
+                        if let Some(x) = wide {
+                            if rc.agrees_with_word(base + j as u64, threes, x) {
+                                threes = 0;
+                            }
+                        }
                         while threes != 0 {
                             let f = threes.trailing_zeros() as u64 / 2;
                             threes &= threes - 1;
@@ -776,6 +899,70 @@ pub fn parse_metadata_index(loc: u64, data: &[u8], want: usize) -> Result<Vec<In
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// entries_agree (four at a time where the CPU can, the rest one by
+    /// one) against the plain statement: the entries, as a set of
+    /// (block, count), are the word's "3 or more" blocks with their nibbles.
+    #[test]
+    fn entries_agree_as_a_set_comparison() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut agreed, mut refused) = (0, 0);
+        for round in 0..20_000 {
+            let base = 1_000_000 + 32 * (rnd() % 1000);
+            let fields = rnd() & rnd() & 0x5555_5555_5555_5555;
+            if fields == 0 {
+                continue;
+            }
+            let nibbles = [rnd(), rnd()];
+            let nibble = |f: u64| (nibbles[(f / 16) as usize] >> (4 * (f % 16))) & 15;
+            let mut entries: Vec<(u64, u32)> = (0..32u64)
+                .filter(|f| fields >> (2 * f) & 1 == 1)
+                .map(|f| (base + f, nibble(f) as u32))
+                .collect();
+            // Spoil some: a count, a block, a block outside the word.
+            match round % 4 {
+                1 => {
+                    let i = rnd() as usize % entries.len();
+                    entries[i].1 ^= 1 << (rnd() % 5);
+                }
+                2 => {
+                    let i = rnd() as usize % entries.len();
+                    entries[i].0 = base + rnd() % 40;
+                }
+                3 => {
+                    let i = rnd() as usize % entries.len();
+                    entries[i].0 = base.wrapping_sub(1 + rnd() % 3);
+                }
+                _ => {}
+            }
+            let keys: Vec<u8> = entries.iter().flat_map(|e| e.0.to_le_bytes()).collect();
+            let counts: Vec<u8> = entries.iter().flat_map(|e| e.1.to_le_bytes()).collect();
+            let want: std::collections::BTreeSet<(u64, u32)> = (0..32u64)
+                .filter(|f| fields >> (2 * f) & 1 == 1)
+                .map(|f| (base + f, nibble(f) as u32))
+                .collect();
+            let got: std::collections::BTreeSet<(u64, u32)> = entries.iter().copied().collect();
+            let expect =
+                got == want && got.len() == entries.len() && want.iter().all(|e| e.1 != 15);
+            assert_eq!(
+                entries_agree(&keys, &counts, base, fields, nibbles),
+                expect,
+                "round {round}: entries {entries:?}, fields {fields:#x}"
+            );
+            if expect {
+                agreed += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(agreed > 1000 && refused > 1000, "{agreed} / {refused}");
+    }
 
     /// The comparison takes 32 entries a word at a time where the bitmap
     /// and the found counts agree; a count of "3 or more" in such a word is
