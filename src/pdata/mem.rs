@@ -4,9 +4,9 @@
 //! Two costs of such arrays are not in the code that uses them:
 //! * with 4 KiB pages nearly every random touch of a table of tens or
 //!   hundreds of MiB misses the TLB too (a page walk, dearer still in a
-//!   VM). So the array sits in 2 MiB-aligned stretches the kernel is asked
-//!   to back with huge pages (where transparent huge pages are off it is
-//!   ordinary memory, paid for page by page as it is touched).
+//!   VM). So a large array sits in 2 MiB-aligned stretches the kernel is
+//!   asked to back with huge pages (where transparent huge pages are off
+//!   it is ordinary memory, paid for page by page as it is touched).
 //! * a page first *read* is mapped to the shared zero page; the first
 //!   write then replaces it, which flushes that address from every core's
 //!   TLB: an interrupt to the other core when the process has two threads
@@ -14,6 +14,10 @@
 //!   can (see [`HugeZeroed::get`]).
 
 const HUGE_PAGE: usize = 2 << 20;
+
+/// Per-block tables from this size on sit in huge pages (see
+/// [`HugeZeroed::new_table`]).
+const TABLE_HUGE_FROM: usize = 32 << 20;
 
 /// A zeroed array of `u64`, huge-page aligned when it is large enough to
 /// hold a huge page.
@@ -24,16 +28,14 @@ pub struct HugeZeroed {
     /// Offset of element 0 in `mem`.
     base: usize,
     len: usize,
+    /// Aligned and advised to be backed by huge pages.
+    huge: bool,
 }
 
 impl HugeZeroed {
     pub fn new(len: usize) -> HugeZeroed {
         if len * 8 < HUGE_PAGE {
-            return HugeZeroed {
-                mem: vec![0u64; len].into_boxed_slice(),
-                base: 0,
-                len,
-            };
+            return HugeZeroed::small(len);
         }
         // Room to start at a 2 MiB boundary; the slack is never touched.
         let mem = vec![0u64; len + HUGE_PAGE / 8].into_boxed_slice();
@@ -48,7 +50,40 @@ impl HugeZeroed {
                 libc::MADV_HUGEPAGE,
             );
         }
-        HugeZeroed { mem, base, len }
+        HugeZeroed {
+            mem,
+            base,
+            len,
+            huge: true,
+        }
+    }
+
+    /// In ordinary pages.
+    fn small(len: usize) -> HugeZeroed {
+        HugeZeroed {
+            mem: vec![0u64; len].into_boxed_slice(),
+            base: 0,
+            len,
+            huge: false,
+        }
+    }
+
+    /// A per-block table over a device: in huge pages from 32 MiB on,
+    /// where random touches over more memory than the TLB reaches with
+    /// 4 KiB pages (a few MiB) pay for them; below that in ordinary pages,
+    /// as a huge page would also back the parts never touched (blocks of a
+    /// device that are not in use).
+    pub fn new_table(len: usize) -> HugeZeroed {
+        if len * 8 >= TABLE_HUGE_FROM {
+            HugeZeroed::new(len)
+        } else {
+            HugeZeroed::small(len)
+        }
+    }
+
+    /// Whether the array sits in huge pages.
+    pub fn is_huge(&self) -> bool {
+        self.huge
     }
 
     pub fn len(&self) -> usize {
@@ -148,6 +183,15 @@ impl Clone for HugeZeroed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tables_take_huge_pages_only_when_large() {
+        assert!(!HugeZeroed::new_table(1 << 20).is_huge());
+        let big = HugeZeroed::new_table(TABLE_HUGE_FROM / 8);
+        assert!(big.is_huge());
+        assert_eq!(big.words().as_ptr() as usize % HUGE_PAGE, 0);
+        assert!(HugeZeroed::new(HUGE_PAGE / 8).is_huge());
+    }
 
     #[test]
     fn zeroed_and_aligned_when_large() {

@@ -780,7 +780,9 @@ fn check_split(
             let leaf_bounds = walker.leaf_bounds_memory();
             std::thread::Builder::new()
                 .spawn_scoped(scope, move || {
-                    leaf_bounds.run();
+                    if let Some(p) = leaf_bounds {
+                        p.run();
+                    }
                     load_space_maps(dev, sb, Some((split.stripe_shift, walk_done)))
                 })
                 .ok()

@@ -201,15 +201,18 @@ impl<'d> Walker<'d> {
     /// Allocate the per-block leaf ranges now, and return a handle that
     /// faults their memory in (tens of MiB on a large pool, zeroed by the
     /// kernel at first touch) from a thread with time to spare, while this
-    /// walker walks.
-    pub fn leaf_bounds_memory(&mut self) -> Populate {
+    /// walker walks. None for a table in ordinary pages (a smaller pool),
+    /// whose untouched pages are better left untouched.
+    pub fn leaf_bounds_memory(&mut self) -> Option<Populate> {
         self.alloc_leaf_bounds();
-        self.leaf_bounds.populate_handle()
+        self.leaf_bounds
+            .is_huge()
+            .then(|| self.leaf_bounds.populate_handle())
     }
 
     fn alloc_leaf_bounds(&mut self) {
         if self.leaf_bounds.is_empty() {
-            self.leaf_bounds = HugeZeroed::new(2 * self.dev.nr_blocks() as usize);
+            self.leaf_bounds = HugeZeroed::new_table(2 * self.dev.nr_blocks() as usize);
         }
     }
 
