@@ -110,9 +110,7 @@ impl HugeZeroed {
     pub fn get(&self, i: usize) -> Option<u64> {
         self.words().get(i).copied()
     }
-}
 
-impl HugeZeroed {
     /// [`HugeZeroed::new`], its memory faulted in now by a write at the
     /// start of each huge page: where the kernel backs them with huge
     /// pages, it zeroes them here rather than at the first real write (so
@@ -127,9 +125,7 @@ impl HugeZeroed {
         }
         z
     }
-}
 
-impl HugeZeroed {
     /// A handle that faults this array's memory in from another thread
     /// while its owner goes on using it (see [`Populate`]).
     pub fn populate_handle(&self) -> Populate {
@@ -172,9 +168,14 @@ impl Populate {
 }
 
 impl Clone for HugeZeroed {
-    /// A copy of the elements only (the alignment slack stays untouched).
+    /// A copy of the elements only (the alignment slack stays untouched),
+    /// in the same kind of pages.
     fn clone(&self) -> HugeZeroed {
-        let mut c = HugeZeroed::new(self.len);
+        let mut c = if self.huge {
+            HugeZeroed::new(self.len)
+        } else {
+            HugeZeroed::small(self.len)
+        };
         c.words_mut().copy_from_slice(self.words());
         c
     }
@@ -186,7 +187,8 @@ mod tests {
 
     #[test]
     fn tables_take_huge_pages_only_when_large() {
-        assert!(!HugeZeroed::new_table(1 << 20).is_huge());
+        let small = HugeZeroed::new_table(1 << 20);
+        assert!(!small.is_huge() && !small.clone().is_huge());
         let big = HugeZeroed::new_table(TABLE_HUGE_FROM / 8);
         assert!(big.is_huge());
         assert_eq!(big.words().as_ptr() as usize % HUGE_PAGE, 0);
