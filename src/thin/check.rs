@@ -813,14 +813,19 @@ fn check_split(
     let nr_data_blocks = sb.data_sm().nr_blocks;
     // Sorted and distinct through a bitset over the device's blocks:
     // cheaper than sorting millions of leaves.
+    // Written back into the walk's own list: tens of MiB on a large pool
+    // that need no fresh pages.
     let fresh: Vec<u64> = {
+        let mut leaves = walker.take_fresh_leaves();
         let mut set = fixedbitset::FixedBitSet::with_capacity(dev.nr_blocks() as usize);
-        for b in walker.take_fresh_leaves() {
+        for &b in &leaves {
             if b < dev.nr_blocks() {
                 set.insert(b as usize);
             }
         }
-        set.ones().map(|b| b as u64).collect()
+        leaves.clear();
+        leaves.extend(set.ones().map(|b| b as u64));
+        leaves
     };
     let mut root_leaves: Vec<u64> = walks
         .iter()
