@@ -65,6 +65,13 @@ impl Slab {
         }
     }
 
+    /// [`Slab::new`], its memory faulted in ([`HugeZeroed::new_faulted_in`]).
+    fn faulted_in(slots: usize) -> Slab {
+        Slab {
+            mem: HugeZeroed::new_faulted_in(slots * WIDE_WORDS),
+        }
+    }
+
     #[inline(always)]
     fn slot(&self, i: usize) -> &[u64] {
         &self.mem.words()[i * WIDE_WORDS..(i + 1) * WIDE_WORDS]
@@ -148,13 +155,20 @@ impl RefCounts {
         }
     }
 
+    /// Chunk slots of slab `s` of counts with `nr_chunks` chunks (the last
+    /// slab may be short).
+    #[inline(always)]
+    fn slab_slots(nr_chunks: usize, s: usize) -> usize {
+        SLAB_CHUNKS.min(nr_chunks - s * SLAB_CHUNKS)
+    }
+
     /// The slot of chunk `c`, its slab allocated when missing.
     #[inline(always)]
     fn slot_mut(&mut self, c: usize) -> &mut [u64] {
         let nr_chunks = self.widths.len();
         let s = c / SLAB_CHUNKS;
         self.slabs[s]
-            .get_or_insert_with(|| Slab::new(SLAB_CHUNKS.min(nr_chunks - s * SLAB_CHUNKS)))
+            .get_or_insert_with(|| Slab::new(Self::slab_slots(nr_chunks, s)))
             .slot_mut(c % SLAB_CHUNKS)
     }
 
@@ -179,12 +193,8 @@ impl RefCounts {
     /// ahead of counting that will touch it. No count changes.
     pub fn prefault_slab(&mut self, b: u64) {
         let s = (b >> SLAB_SHIFT) as usize;
-        let nr_chunks = self.widths.len();
         if s < self.slabs.len() && self.slabs[s].is_none() {
-            let slots = SLAB_CHUNKS.min(nr_chunks - s * SLAB_CHUNKS);
-            self.slabs[s] = Some(Slab {
-                mem: HugeZeroed::new_faulted_in(slots * WIDE_WORDS),
-            });
+            self.slabs[s] = Some(Slab::faulted_in(Self::slab_slots(self.widths.len(), s)));
         }
     }
 

@@ -119,18 +119,20 @@ impl<'a> Node<'a> {
             .chunks_exact(8)
             .zip(keys.chunks_exact(8).skip(1))
             .fold(false, |bad, (a, b)| bad | (le64(b, 0) <= le64(a, 0)));
-        for i in (1..nr).filter(|_| unordered) {
-            if node.key(i) <= node.key(i - 1) {
-                return Err(Error::invalid(
-                    loc,
-                    format!(
-                        "keys out of order: key {} ({}) follows key {} ({})",
-                        i,
-                        node.key(i),
-                        i - 1,
-                        node.key(i - 1)
-                    ),
-                ));
+        if unordered {
+            for i in 1..nr {
+                if node.key(i) <= node.key(i - 1) {
+                    return Err(Error::invalid(
+                        loc,
+                        format!(
+                            "keys out of order: key {} ({}) follows key {} ({})",
+                            i,
+                            node.key(i),
+                            i - 1,
+                            node.key(i - 1)
+                        ),
+                    ));
+                }
             }
         }
         Ok(node)
