@@ -4,6 +4,7 @@
 pub mod btree;
 pub mod checksum;
 pub mod counts;
+pub mod crc;
 pub mod error;
 pub mod io;
 pub mod mem;

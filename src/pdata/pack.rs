@@ -81,7 +81,7 @@ const MAX_DEPTH: u32 = 4;
 
 /// True when `block` carries a valid checksum of a kind packs keep.
 pub fn is_packable(block: &[u8]) -> bool {
-    let raw = crc32c::crc32c(&block[4..BLOCK_SIZE]) ^ 0xffff_ffff ^ checksum::stored(block);
+    let raw = super::crc::crc32c(&block[4..BLOCK_SIZE]) ^ 0xffff_ffff ^ checksum::stored(block);
     PACKED_SALTS.contains(&raw)
 }
 
