@@ -59,14 +59,13 @@ struct Slab {
 }
 
 impl Slab {
+    /// A slab, its memory faulted in now ([`HugeZeroed::new_faulted_in`]):
+    /// a slab is made for a count about to be written, and counting reads
+    /// a count before it writes it; a fresh page first read is mapped to
+    /// the kernel's zero page and replaced at the write, a second fault
+    /// that also flushes the TLB of every core the process runs on (see
+    /// `pdata::mem`).
     fn new(slots: usize) -> Slab {
-        Slab {
-            mem: HugeZeroed::new(slots * WIDE_WORDS),
-        }
-    }
-
-    /// [`Slab::new`], its memory faulted in ([`HugeZeroed::new_faulted_in`]).
-    fn faulted_in(slots: usize) -> Slab {
         Slab {
             mem: HugeZeroed::new_faulted_in(slots * WIDE_WORDS),
         }
@@ -194,7 +193,7 @@ impl RefCounts {
     pub fn prefault_slab(&mut self, b: u64) {
         let s = (b >> SLAB_SHIFT) as usize;
         if s < self.slabs.len() && self.slabs[s].is_none() {
-            self.slabs[s] = Some(Slab::faulted_in(Self::slab_slots(self.widths.len(), s)));
+            self.slabs[s] = Some(Slab::new(Self::slab_slots(self.widths.len(), s)));
         }
     }
 
