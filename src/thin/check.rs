@@ -170,6 +170,9 @@ struct DataScan {
     nr_future: u64,
     /// (leaf, key, time), the first [`MAX_LISTED`].
     future: Vec<(u64, u64, u32)>,
+    /// Where a leaf's runs start (see [`run_starts`]), kept from leaf to
+    /// leaf: a fresh array would be zeroed for every leaf.
+    at: Box<[u32; MAX_LEAF_ENTRIES + 1]>,
 }
 
 impl DataScan {
@@ -181,6 +184,7 @@ impl DataScan {
             beyond: Vec::new(),
             nr_future: 0,
             future: Vec::new(),
+            at: Box::new([0; MAX_LEAF_ENTRIES + 1]),
         }
     }
 
@@ -209,8 +213,8 @@ impl DataScan {
         if n == 0 {
             return;
         }
-        let mut at = [0u32; MAX_LEAF_ENTRIES + 1];
-        let (k, bad) = run_starts(values, self.nr_data_blocks, self.sb_time, &mut at);
+        let at = &mut *self.at;
+        let (k, bad) = run_starts(values, self.nr_data_blocks, self.sb_time, at);
         at[k] = n as u32;
         runs[0].reserve(k);
         runs[1].reserve(k);
