@@ -131,58 +131,7 @@ impl<'a> Node<'a> {
         }
         Ok(node)
     }
-}
 
-/// Whether each of the little-endian u64 `keys` is above the one before,
-/// without a branch a key (a leaf holds up to 254 keys, and a 16 GiB pool
-/// has millions of leaves): four at a time where the processor has AVX2.
-#[inline]
-fn keys_rise(keys: &[u8]) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the processor has AVX2.
-        return unsafe { keys_rise_avx2(keys) };
-    }
-    keys_rise_from(keys, 1)
-}
-
-/// [`keys_rise`] for keys `first..` (each against the one before).
-#[inline(always)]
-fn keys_rise_from(keys: &[u8], first: usize) -> bool {
-    let n = keys.len() / 8;
-    (first.max(1)..n).fold(true, |ok, i| {
-        ok & (le64(keys, 8 * i) > le64(keys, 8 * (i - 1)))
-    })
-}
-
-/// [`keys_rise`] four keys at a time: each against the one before (an
-/// unaligned load one key back), unsigned, as a signed compare of the keys
-/// with their top bits flipped.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn keys_rise_avx2(keys: &[u8]) -> bool {
-    use std::arch::x86_64::*;
-    let n = keys.len() / 8;
-    let p = keys.as_ptr();
-    let sign = _mm256_set1_epi64x(i64::MIN);
-    let mut rises = _mm256_set1_epi64x(-1);
-    let mut i = 1;
-    while i + 4 <= n {
-        // SAFETY: keys i - 1 .. i + 4 lie inside `keys` (i >= 1, i + 4 <= n).
-        let (cur, before) = unsafe {
-            (
-                _mm256_loadu_si256(p.add(8 * i).cast()),
-                _mm256_loadu_si256(p.add(8 * (i - 1)).cast()),
-            )
-        };
-        let above = _mm256_cmpgt_epi64(_mm256_xor_si256(cur, sign), _mm256_xor_si256(before, sign));
-        rises = _mm256_and_si256(rises, above);
-        i += 4;
-    }
-    _mm256_movemask_pd(_mm256_castsi256_pd(rises)) == 0xf && keys_rise_from(keys, i)
-}
-
-impl<'a> Node<'a> {
     /// The view of a block that [`Node::parse`] already accepted (so its
     /// checksum is not computed again, e.g. on another thread). Only the
     /// header is read; given data `parse` rejected, accessors may panic but
@@ -284,6 +233,55 @@ impl<'a> Node<'a> {
         }
         None
     }
+}
+
+/// Whether each of the little-endian u64 `keys` is above the one before,
+/// without a branch a key (a leaf holds up to 254 keys, and a 16 GiB pool
+/// has millions of leaves): four at a time where the processor has AVX2.
+#[inline]
+fn keys_rise(keys: &[u8]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the processor has AVX2.
+        return unsafe { keys_rise_avx2(keys) };
+    }
+    keys_rise_from(keys, 1)
+}
+
+/// [`keys_rise`] for keys `first..` (each against the one before).
+#[inline(always)]
+fn keys_rise_from(keys: &[u8], first: usize) -> bool {
+    let n = keys.len() / 8;
+    (first.max(1)..n).fold(true, |ok, i| {
+        ok & (le64(keys, 8 * i) > le64(keys, 8 * (i - 1)))
+    })
+}
+
+/// [`keys_rise`] four keys at a time: each against the one before (an
+/// unaligned load one key back), unsigned, as a signed compare of the keys
+/// with their top bits flipped.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn keys_rise_avx2(keys: &[u8]) -> bool {
+    use std::arch::x86_64::*;
+    let n = keys.len() / 8;
+    let p = keys.as_ptr();
+    let sign = _mm256_set1_epi64x(i64::MIN);
+    let mut rises = _mm256_set1_epi64x(-1);
+    let mut i = 1;
+    while i + 4 <= n {
+        // SAFETY: keys i - 1 .. i + 4 lie inside `keys` (i >= 1, i + 4 <= n).
+        let (cur, before) = unsafe {
+            (
+                _mm256_loadu_si256(p.add(8 * i).cast()),
+                _mm256_loadu_si256(p.add(8 * (i - 1)).cast()),
+            )
+        };
+        let above = _mm256_cmpgt_epi64(_mm256_xor_si256(cur, sign), _mm256_xor_si256(before, sign));
+        rises = _mm256_and_si256(rises, above);
+        i += 4;
+    }
+    _mm256_movemask_pd(_mm256_castsi256_pd(rises)) == 0xf && keys_rise_from(keys, i)
 }
 
 fn bad_header(loc: u64, msg: String) -> Error {
