@@ -25,7 +25,7 @@
 //! carry-less multiply of quadwords with bit `i` standing for `x^(63-i)`
 //! gives a product whose bit `k` stands for `x^(126-k)`, one power short
 //! of the lane's own scale; the constants make it up by holding
-//! `x^(n-1) mod P` instead of `x^n mod P` (see [`fold_constant`]). The
+//! `x^(n-1) mod P` instead of `x^n mod P` (see `fold::fold_constant`). The
 //! last lane, all the input mod P, goes through `crc32` from a zero
 //! register, which multiplies by `x^32` and reduces as the CRC requires.
 
@@ -94,7 +94,7 @@ mod fold {
     /// folding starts with 256 bytes in four registers.
     pub(super) const FROM: usize = 256;
 
-    /// Whether this processor (and its kernel) can run [`crc32c`].
+    /// Whether this processor (and its kernel) can run [`crc32c()`].
     #[inline]
     pub(super) fn available() -> bool {
         std::arch::is_x86_feature_detected!("avx512f")
